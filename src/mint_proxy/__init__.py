@@ -1,0 +1,74 @@
+"""mint_proxy: the forwarding layer that runs MINT plugins out of process.
+
+    from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
+
+    routes = RouteTable({"/peak-picking": "http://127.0.0.1:8005"})
+    platform.add_middleware(ProxyMiddleware, routes=routes, tokens=TokenIssuer(secret), mount_path="/api")
+
+``uvicorn mint_proxy:app`` runs the proxy alone from ``config.dev.toml``.
+"""
+
+from ._app import DevProxyApp
+from ._upstream import UpstreamPool
+from .asgi import ProxyMiddleware
+from .devconfig import ConfigWatcher, DevConfig, load_dev_config
+from .errors import (
+    BadRequest,
+    DevConfigError,
+    HeadersTooLarge,
+    InvalidInternalToken,
+    LoopDetected,
+    MintProxyError,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .routing import Route, RouteTable, Upstream
+from .tokens import (
+    INTERNAL_TOKEN_HEADER,
+    InternalTokenAuth,
+    InternalTokenClaims,
+    TokenIssuer,
+    verify_internal_token,
+)
+
+__version__ = "0.1.0"
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+# The standalone app: `uvicorn mint_proxy:app`. Building it reads nothing; it loads at startup.
+app = DevProxyApp()
+
+__all__ = [
+    "INTERNAL_TOKEN_HEADER",
+    "REQUEST_ID_HEADER",
+    "BadRequest",
+    "ConfigWatcher",
+    "DevConfig",
+    "DevConfigError",
+    "DevProxyApp",
+    "HeadersTooLarge",
+    "InternalTokenAuth",
+    "InternalTokenClaims",
+    "InvalidInternalToken",
+    "LoopDetected",
+    "MintProxyError",
+    "PayloadTooLarge",
+    "ProxyError",
+    "ProxyMiddleware",
+    "RequestTimeout",
+    "Route",
+    "RouteTable",
+    "TokenIssuer",
+    "Upstream",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "app",
+    "load_dev_config",
+    "verify_internal_token",
+]

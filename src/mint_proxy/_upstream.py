@@ -1,0 +1,425 @@
+"""The upstream client: a lean keep-alive HTTP/1.1 connection pool over asyncio.
+
+Theory of operation
+-------------------
+This module is the seam between the proxy and the plugin processes; the
+proxy's speed lives here, so it is kept small and free of abstractions that
+cost per request.
+
+* ``Connection`` is an ``asyncio.Protocol``. ``data_received`` parses the
+  response as bytes arrive (``_http11`` does the strict parsing) and queues
+  body chunks; the proxy's task pulls them with ``read_head``/``read_body``.
+  Nothing is ever joined into a whole body: chunks are passed on as they came.
+* Flow control both ways. Upstream to client: once more than ``HIGH_WATER``
+  bytes are queued, reading from the plugin pauses until the client side has
+  taken them (the ASGI ``send`` awaits the client's socket). Client to upstream:
+  ``drain`` waits while the transport's write buffer is over its limit.
+* Waiting uses one future per wait and a ``call_later`` timer, not
+  ``asyncio.wait_for`` and not a task, which is the cheapest wait asyncio has.
+* ``UpstreamPool`` keeps idle connections per upstream, newest first (LIFO:
+  warm connections are reused, surplus ones age out). An idle connection the
+  plugin closed is noticed by ``connection_lost`` and dropped from the pool. One
+  idle for longer than ``idle_timeout`` (default 4 s, below uvicorn's 5 s
+  keep-alive timeout, so the proxy lets go before the plugin does) is closed
+  rather than reused. A connection is only pooled after a complete, well-framed
+  exchange; anything unusual (extra bytes, an error, an abort) closes it.
+* Connecting retries refused connections with short backoff for
+  ``retry_window`` seconds: a plugin being restarted comes back within it.
+  Nothing has been sent on a connection that failed to open, so this is safe.
+"""
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import cast
+
+from ._http11 import (
+    CHUNKED,
+    LENGTH,
+    MAX_CHUNK_LINE,
+    MAX_HEAD_BYTES,
+    NO_BODY,
+    ResponseHead,
+    parse_chunk_size,
+    parse_response_head,
+)
+from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from .routing import Upstream
+
+HIGH_WATER = 512 * 1024
+LOW_WATER = 128 * 1024
+MAX_TRAILER_BYTES = 16 * 1024
+
+# Connection states.
+_IDLE, _HEAD, _BODY, _DONE = range(4)
+# Chunked-body sub-states.
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection to a plugin, carrying one exchange at a time."""
+
+    def __init__(self, pool: "UpstreamPool", upstream: Upstream) -> None:
+        self._pool = pool
+        self.upstream = upstream
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._state = _IDLE
+        self._head_request = False
+        self._buf = b""
+        self.head: ResponseHead | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._framing = NO_BODY
+        self._remaining = 0
+        self._chunk_state = _SIZE
+        self._trailer_bytes = 0
+        self._complete = False
+        self._clean = True
+        self.request_complete = False
+        self.received_any = False
+        self._error: ProxyError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        if self._state == _BODY and self._framing not in (LENGTH, CHUNKED, NO_BODY):
+            self._finish()  # UNTIL_CLOSE: the close is the end of the body
+        elif self._state in (_HEAD, _BODY) and self._error is None:
+            when = "before responding" if self._state == _HEAD else "in the middle of its response"
+            self._error = UpstreamUnavailable(f"the plugin closed the connection {when}")
+        self._wake()
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _BODY:
+            self._feed_body(data)
+        elif self._state == _HEAD:
+            self.received_any = True
+            self._feed_head(self._buf + data if self._buf else data)
+        else:
+            # Bytes when no response is due: a plugin bug or a late body. Never reuse.
+            self._clean = False
+            self.abort()
+
+    # -- parsing ----------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        self._error = UpstreamProtocolError(message)
+        self._wake()
+        self.abort()
+
+    def _feed_head(self, data: bytes) -> None:
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD_BYTES:
+                    return self._fail("the plugin's response head is too large")
+                self._buf = data
+                return
+            try:
+                head = parse_response_head(data[:end], head_request=self._head_request)
+            except ValueError as exc:
+                return self._fail(f"the plugin sent an invalid response ({exc})")
+            data = data[end + 4 :]
+            if head.status == 101:
+                return self._fail("the plugin switched protocols without being asked to")
+            if head.status >= 200:
+                break
+            # 1xx interim responses (100, 102, 103) are not forwarded; read on.
+        self._buf = b""
+        self.head = head
+        self._state = _BODY
+        self._framing = head.framing
+        if head.framing == LENGTH:
+            self._remaining = head.content_length or 0
+        self._chunk_state = _SIZE
+        if head.framing == NO_BODY or (head.framing == LENGTH and self._remaining == 0):
+            self._finish()
+            if data:
+                self._clean = False  # a body where none may be: never reuse
+        elif data:
+            self._feed_body(data)
+        self._wake()
+
+    def _feed_body(self, data: bytes) -> None:
+        framing = self._framing
+        if framing == LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                self._push(data)
+                return
+            if len(data) > remaining:
+                self._clean = False
+                data = data[:remaining]
+            self._remaining = 0
+            self._push(data)
+            self._finish()
+        elif framing == CHUNKED:
+            self._feed_chunked(self._buf + data if self._buf else data)
+        elif framing == NO_BODY:
+            self._clean = False
+        else:
+            self._push(data)
+
+    def _feed_chunked(self, data: bytes) -> None:
+        self._buf = b""
+        pos, size = 0, len(data)
+        while pos < size:
+            state = self._chunk_state
+            if state == _DATA:
+                take = min(self._remaining, size - pos)
+                self._push(data if take == size else data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._chunk_state = _DATA_END
+                continue
+            if state == _DATA_END:
+                if size - pos < 2:
+                    self._buf = data[pos:]
+                    return
+                if data[pos : pos + 2] != b"\r\n":
+                    return self._fail("the plugin sent a malformed chunked body")
+                pos += 2
+                self._chunk_state = _SIZE
+                continue
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                if size - pos > MAX_CHUNK_LINE:
+                    return self._fail("the plugin sent a malformed chunked body")
+                self._buf = data[pos:]
+                return
+            line = data[pos:eol]
+            pos = eol + 2
+            if state == _SIZE:
+                try:
+                    self._remaining = parse_chunk_size(line)
+                except ValueError:
+                    return self._fail("the plugin sent a malformed chunked body")
+                self._chunk_state = _DATA if self._remaining else _TRAILER
+            elif line:
+                # Trailer fields are read and dropped (ASGI has no portable way to send them).
+                self._trailer_bytes += len(line)
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    return self._fail("the plugin sent too many trailer fields")
+            else:
+                if pos < size:
+                    self._clean = False
+                return self._finish()
+
+    def _push(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self._buffered += len(chunk)
+            if self._buffered > HIGH_WATER and not self._read_paused and self._transport is not None:
+                self._read_paused = True
+                self._transport.pause_reading()
+            self._wake()
+
+    def _finish(self) -> None:
+        self._state = _DONE
+        self._complete = True
+        self._wake()
+
+    # -- the exchange, as the proxy's task sees it --------------------------
+
+    def begin(self, *, head_request: bool) -> None:
+        """Start a new exchange on this connection."""
+        self._state = _HEAD
+        self._head_request = head_request
+        self.head = None
+        self._complete = False
+        self.request_complete = False
+        self.received_any = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self._transport is None:
+            raise self._error or UpstreamUnavailable("the plugin closed the connection")
+        self._transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        if self.closed or self._transport is None:
+            raise self._error or UpstreamUnavailable("the plugin closed the connection")
+        self._transport.writelines(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+        if self.closed and self.head is None:
+            raise self._error or UpstreamUnavailable("the plugin closed the connection")
+
+    async def read_head(self, timeout: float) -> ResponseHead:
+        while self.head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+        return self.head
+
+    async def read_body(self, timeout: float) -> tuple[bytes, bool]:
+        """Return the next piece of body and whether more follows."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                chunk = chunks.popleft() if len(chunks) == 1 else self._take_all()
+                self._buffered -= len(chunk)
+                if self._read_paused and self._buffered < LOW_WATER and self._transport is not None:
+                    self._read_paused = False
+                    self._transport.resume_reading()
+                return chunk, not (self._complete and not chunks)
+            if self._complete:
+                return b"", False
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+
+    def _take_all(self) -> bytes:
+        chunk = b"".join(self._chunks)
+        self._chunks.clear()
+        return chunk
+
+    @property
+    def reusable(self) -> bool:
+        head = self.head
+        return (
+            self._complete
+            and self._clean
+            and self.request_complete
+            and not self.closed
+            and head is not None
+            and head.keep_alive
+            and not self._chunks
+        )
+
+    async def _wait(self, timeout: float) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def abort(self) -> None:
+        """Close now, discarding buffers; used on errors and when the client goes away."""
+        self._clean = False
+        if self._transport is not None and not self.closed:
+            self._transport.abort()
+        self.closed = True
+        self._pool._forget(self)
+
+
+def _expire(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout("the plugin did not answer within the route's read_timeout"))
+
+
+class UpstreamPool:
+    """Keep-alive connections to plugins, per upstream.
+
+    ``idle_timeout`` should stay below the plugin server's keep-alive timeout
+    (uvicorn: 5 s) so that the proxy, not the plugin, closes idle connections.
+    """
+
+    def __init__(self, *, idle_timeout: float = 4.0, max_idle_per_upstream: int = 64) -> None:
+        if not idle_timeout > 0:
+            raise ValueError("idle_timeout must be a positive number of seconds")
+        if max_idle_per_upstream < 0:
+            raise ValueError("max_idle_per_upstream must be >= 0")
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_upstream = max_idle_per_upstream
+        self._idle: dict[Upstream, list[Connection]] = {}
+
+    def idle_count(self) -> int:
+        return sum(len(conns) for conns in self._idle.values())
+
+    async def acquire(self, upstream: Upstream, *, connect_timeout: float, retry_window: float) -> Connection:
+        """An idle connection to ``upstream`` if a fresh one is pooled, else a new one."""
+        idle = self._idle.get(upstream)
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    conn.reused = True
+                    return conn
+                conn.abort()
+        return await self.connect(upstream, connect_timeout=connect_timeout, retry_window=retry_window)
+
+    async def connect(self, upstream: Upstream, *, connect_timeout: float, retry_window: float) -> Connection:
+        """Open a new connection, retrying failed attempts for ``retry_window`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_window
+        delay = 0.025
+        factory: Callable[[], Connection] = lambda: Connection(self, upstream)  # noqa: E731
+        while True:
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    if upstream.unix_path:
+                        _, conn = await loop.create_unix_connection(factory, upstream.unix_path)
+                    else:
+                        _, conn = await loop.create_connection(factory, upstream.host.strip("[]"), upstream.port)
+                return conn
+            except TimeoutError:
+                raise UpstreamTimeout("the plugin did not accept the connection within connect_timeout") from None
+            except OSError as exc:
+                # Refused, reset, no such socket, unreachable: nothing was sent, so retrying is safe.
+                if loop.time() + delay > deadline:
+                    raise UpstreamUnavailable("the plugin is not accepting connections") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def release(self, conn: Connection) -> None:
+        """Return a connection after its exchange; it is pooled only if it is clean."""
+        if not conn.reusable:
+            conn.abort()
+            return
+        conn._state = _IDLE
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle.setdefault(conn.upstream, [])
+        if len(idle) >= self.max_idle_per_upstream:
+            conn.abort()
+            return
+        idle.append(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        idle = self._idle.get(conn.upstream)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.abort()

@@ -1,0 +1,390 @@
+"""ProxyMiddleware: the pure-ASGI reverse proxy.
+
+Theory of operation
+-------------------
+For each ``http`` or ``websocket`` scope the middleware finds the route whose
+prefix matches the decoded path (relative to ``mount_path``) at a segment
+boundary, longest prefix first. No match: the wrapped app gets the request
+untouched. A match is proxied:
+
+1. Refuse what must not be forwarded (dot segments, a bad target, ambiguous
+   framing, a loop through this proxy) with a JSON error; see ``headers.py``.
+2. Read the first body message. If it holds the whole body, the request head and
+   body go upstream in one write; otherwise the body streams chunk by chunk,
+   framed anew (``Content-Length`` when the client gave one, else chunked), with
+   ``drain()`` providing back-pressure and ``max_body_bytes`` enforced as bytes
+   arrive (413 without reading the rest).
+3. Once the body is sent, a watcher task waits on ``receive()``: it is the only
+   way ASGI reports that the client went away (uvicorn drops ``send()`` silently
+   after a disconnect). It aborts the upstream connection at once, so the plugin
+   stops working for nobody and the connection is never pooled.
+4. The response head is filtered (``headers.filter_response``) and sent; body
+   chunks are passed on as they arrive. ``Content-Length`` is kept when the
+   plugin sent one, otherwise the ASGI server chunks the response.
+5. A failure before the response starts becomes a JSON error (502/504/...). After
+   it starts, the client connection is aborted instead: a truncated body must
+   never look like a complete one.
+
+Retries. Refused connections are retried inside the pool for ``retry_window``.
+A pooled connection that turns out to be closed before any response byte
+arrived is retried once on a new connection, only when the whole request is
+still in hand and the method is idempotent (RFC 9110 §9.2.2): a plugin that
+crashed after reading a POST must not get it twice.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from ._upstream import Connection, UpstreamPool
+from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamUnavailable
+from .headers import (
+    INTERNAL_TOKEN_HEADER,
+    REQUEST_ID_HEADER,
+    filter_response,
+    forwarded_headers,
+    inspect_request,
+    new_request_id,
+    via_value,
+)
+from .routing import Route, RouteTable
+from .tokens import TokenIssuer
+
+logger = logging.getLogger("mint_proxy")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_RAW_PATH = re.compile(rb"/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # printable ASCII without '#', '?'
+_MOUNT_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*")
+CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
+
+
+class ProxyMiddleware:
+    """Forward requests under route prefixes to plugin servers; pass everything else to ``app``.
+
+        platform.add_middleware(ProxyMiddleware, routes=table, tokens=TokenIssuer(secret), mount_path="/api")
+
+    ``routes`` is a ``RouteTable`` (shared and changed at runtime by the platform)
+    or a plain ``{prefix: url}`` mapping. With ``app=None`` unmatched paths get 404.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp | None,
+        *,
+        routes: RouteTable | Mapping[str, str],
+        tokens: TokenIssuer | None = None,
+        mount_path: str = "",
+        retry_window: float = 2.0,
+        client_body_timeout: float = 60.0,
+        via_pseudonym: str | None = None,
+        pool: UpstreamPool | None = None,
+    ) -> None:
+        if not isinstance(mount_path, str) or mount_path.endswith("/") or not _MOUNT_PATH.fullmatch(mount_path):
+            raise ValueError(f"mount_path {mount_path!r} must be '' or a path like '/api' (no trailing '/')")
+        if not retry_window >= 0:
+            raise ValueError("retry_window must be >= 0 seconds")
+        if not client_body_timeout > 0:
+            raise ValueError("client_body_timeout must be a positive number of seconds")
+        self.app = app
+        self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes)
+        self.tokens = tokens
+        self.mount_path = mount_path
+        self.retry_window = float(retry_window)
+        self.client_body_timeout = float(client_body_timeout)
+        self.via_pseudonym = via_pseudonym or f"mint-proxy-{os.urandom(4).hex()}"
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.via_pseudonym):
+            raise ValueError("via_pseudonym must be a token of letters, digits and -._")
+        self._via_marker = self.via_pseudonym.encode("ascii")
+        self.pool = pool or UpstreamPool()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http" or scope_type == "websocket":
+            route, path = self._match(scope["path"])
+            if path is not None:
+                if route is None:
+                    await self._refuse(scope, send, BadRequest("the path contains '.' or '..' segments"))
+                elif scope_type == "http":
+                    await self._proxy_http(scope, receive, send, route, path)
+                else:
+                    from ._websocket import proxy_websocket
+
+                    await proxy_websocket(self, scope, receive, send, route, path)
+                return
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope_type == "http":
+            await _send_error(send, 404, "not_found", "no route matches this path", new_request_id())
+        elif scope_type == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "no route matches this path"})
+
+    def _match(self, path: str) -> tuple[Route | None, str | None]:
+        """``(route, path relative to mount)`` for a proxied path; ``(None, None)`` to fall through.
+
+        ``(None, path)`` means: refuse, the path has dot segments and touches a route
+        (as written or once resolved). Other dot-segment paths fall through.
+        """
+        if "/." in path and any(s in (".", "..") for s in path.split("/")):
+            resolved = _remove_dot_segments(path)
+            for candidate in (path, resolved):
+                relative = self._relative(candidate)
+                if relative is not None and self.routes.match(relative) is not None:
+                    return None, candidate
+            return None, None
+        relative = self._relative(path)
+        if relative is None:
+            return None, None
+        route = self.routes.match(relative)
+        return (route, relative) if route is not None else (None, None)
+
+    def _relative(self, path: str) -> str | None:
+        mount = self.mount_path
+        if not mount:
+            return path
+        if path.startswith(mount) and (len(path) == len(mount) or path[len(mount)] == "/"):
+            return path[len(mount) :]
+        return None
+
+    async def _refuse(self, scope: Scope, send: Send, error: ProxyError) -> None:
+        request_id = new_request_id()
+        if scope["type"] == "http":
+            await _send_error(send, error.status, error.error, error.detail, request_id)
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": error.detail[:120]})
+        _log_access(request_id, scope, "-", error.status, 0.0)
+
+    def upstream_target(self, scope: Scope, route: Route, relative: str) -> bytes:
+        """The request-target the plugin receives: the client's raw path, unless stripped."""
+        raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        if not _RAW_PATH.fullmatch(raw):
+            raise BadRequest("the request target must be a path of printable ASCII characters")
+        if route.strip_prefix:
+            raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))
+        base = route.upstream.base_path
+        if base:
+            raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
+        elif not raw:
+            raw = b"/"
+        query: bytes = scope.get("query_string", b"")
+        return raw + b"?" + query if query else raw
+
+    def proxy_headers(self, scope: Scope, route: Route, info: Any) -> RawHeaders:
+        """Headers the proxy adds after filtering: forwarding, Via, request id, token."""
+        prefix = self.mount_path + route.prefix if route.strip_prefix else ""
+        added = forwarded_headers(
+            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=prefix
+        )
+        added.append((b"via", via_value(scope.get("http_version", "1.1"), self._via_marker)))
+        added.append((REQUEST_ID_HEADER, info.request_id))
+        if self.tokens is not None:
+            added.append((INTERNAL_TOKEN_HEADER, self.tokens.token_for(route.plugin).encode("ascii")))
+        return added
+
+    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route, relative: str) -> None:
+        started = time.perf_counter()
+        request_id = b""
+        status = 0
+        try:
+            info = inspect_request(
+                scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=self._via_marker
+            )
+            request_id = info.request_id
+            status = await self._forward(scope, receive, send, route, info)
+        except ProxyError as exc:
+            status = exc.status
+            await _send_error(send, exc.status, exc.error, exc.detail, request_id or new_request_id())
+        finally:
+            _log_access(request_id, scope, route.plugin, status, started)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: Any) -> int:
+        method: str = scope["method"]
+        limit = route.max_body_bytes
+        if limit is not None and info.content_length is not None and info.content_length > limit:
+            raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+        message = await receive()
+        if message["type"] != "http.request":
+            return CLIENT_CLOSED
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        received = len(body)
+        if limit is not None and received > limit:
+            raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+
+        parts = [method.encode("ascii"), b" ", self.upstream_target(scope, route, ""), b" HTTP/1.1\r\n"]
+        for name, value in info.headers:
+            parts += (name, b": ", value, b"\r\n")
+        if info.host is None:
+            parts += (b"host: ", _authority(route), b"\r\n")
+        for name, value in self.proxy_headers(scope, route, info):
+            parts += (name, b": ", value, b"\r\n")
+        chunked = info.content_length is None and (info.chunked or more)
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+            if body:
+                parts += (b"%x\r\n" % len(body), body, b"\r\n")
+            if not more:
+                parts.append(b"0\r\n\r\n")
+        else:
+            length = info.content_length if info.content_length is not None else len(body)
+            if length or info.content_length is not None:
+                parts.append(b"content-length: %d\r\n" % length)
+            parts += (b"\r\n", body)
+        request = b"".join(parts)
+
+        conn = await self.pool.acquire(
+            route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
+        )
+        conn.begin(head_request=method == "HEAD")
+        client_gone = False
+        watcher: asyncio.Task[None] | None = None
+        try:
+            conn.write(request)
+            while more:
+                if conn.head is not None:
+                    break  # the plugin answered early: stop sending, relay its answer
+                try:
+                    async with asyncio.timeout(self.client_body_timeout):
+                        message = await receive()
+                except TimeoutError:
+                    raise RequestTimeout("the client stopped sending the request body") from None
+                if message["type"] != "http.request":
+                    return CLIENT_CLOSED
+                chunk: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
+                received += len(chunk)
+                if limit is not None and received > limit:
+                    raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                if chunked:
+                    conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n0\r\n\r\n" if not more else b"\r\n"])
+                elif chunk:
+                    conn.write(chunk)
+                await conn.drain()
+            conn.request_complete = not more
+
+            def on_client_gone() -> None:
+                nonlocal client_gone
+                client_gone = True
+                conn.abort()
+
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, on_client_gone))
+            try:
+                head = await conn.read_head(route.read_timeout)
+            except UpstreamUnavailable:
+                if client_gone or not _may_retry(conn, method, request):
+                    raise
+                conn = await self.pool.connect(route.upstream, connect_timeout=route.connect_timeout, retry_window=0)
+                conn.begin(head_request=method == "HEAD")
+                conn.write(request)
+                conn.request_complete = True
+                head = await conn.read_head(route.read_timeout)
+
+            client_prefix = self.mount_path + route.prefix if route.strip_prefix else ""
+            headers = filter_response(
+                head.headers, request_id=info.request_id, route=route, client_prefix=client_prefix
+            )
+            if head.content_length is not None:
+                headers.append((b"content-length", b"%d" % head.content_length))
+            await send({"type": "http.response.start", "status": head.status, "headers": headers})
+            try:
+                more = True
+                while more:
+                    chunk, more = await conn.read_body(route.read_timeout)
+                    if not more:
+                        self.pool.release(conn)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            except ProxyError as exc:
+                # The response has started: abort the client's connection instead of
+                # finishing it, so a truncated body never looks complete.
+                logger.warning("aborted response %s: %s", info.request_id.decode(), exc.detail)
+                return CLIENT_CLOSED if client_gone else exc.status
+            return head.status
+        except ProxyError:
+            if client_gone:
+                return CLIENT_CLOSED
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not conn.reusable:
+                conn.abort()
+
+
+def _may_retry(conn: Connection, method: str, request: bytes) -> bool:
+    return conn.reused and not conn.received_any and conn.request_complete and method in IDEMPOTENT_METHODS
+
+
+async def _watch_disconnect(receive: Receive, on_gone: Any) -> None:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        on_gone()
+
+
+def _authority(route: Route) -> bytes:
+    upstream = route.upstream
+    if upstream.unix_path:
+        return b"localhost"
+    return upstream.origin.removeprefix("http://").encode("ascii")
+
+
+def _strip_decoded(raw: bytes, length: int) -> bytes:
+    """Drop the part of ``raw`` that decodes to the first ``length`` characters of the path.
+
+    Route prefixes are ASCII, so each of their characters is one raw byte or one
+    ``%XX`` escape; this keeps the rest of the path byte-for-byte as sent.
+    """
+    pos = 0
+    for _ in range(length):
+        pos += 3 if raw[pos : pos + 1] == b"%" else 1
+    return raw[pos:]
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, for the route decision only (the path is never rewritten)."""
+    output: list[str] = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment != ".":
+            output.append(segment)
+    trailing = "/" if path.endswith(("/.", "/..")) else ""
+    return "/" + "/".join(output) + trailing
+
+
+def _error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHeaders]:
+    """The one place an error becomes a response body: JSON with ``error``, ``detail``, ``request_id``."""
+    body = json.dumps({"error": error, "detail": detail, "request_id": request_id.decode("ascii")}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (REQUEST_ID_HEADER, request_id),
+    ]
+    return body, headers
+
+
+async def _send_error(send: Send, status: int, error: str, detail: str, request_id: bytes) -> None:
+    body, headers = _error_body(error, detail, request_id)
+    message: Message = {"type": "http.response.start", "status": status, "headers": headers}
+    await send(message)
+    await send({"type": "http.response.body", "body": body})
+
+
+def _log_access(request_id: bytes, scope: Scope, plugin: str, status: int, started: float) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        duration = (time.perf_counter() - started) * 1000 if started else 0.0
+        logger.info(
+            '%s "%s %s" plugin=%s status=%d %.1fms',
+            request_id.decode("ascii", "replace"),
+            scope.get("method", "WEBSOCKET"),
+            scope["path"],
+            plugin,
+            status,
+            duration,
+        )

@@ -1,0 +1,314 @@
+"""Development config: ``config.dev.toml`` parsed into the production ``RouteTable``.
+
+    config = load_dev_config(config_path_from_environ(os.environ))
+    watcher = ConfigWatcher(config.path, config.routes)
+
+This is the only module that reads files or the environment. It never validates
+a route itself: each entry becomes ``Route(...)`` and the set becomes
+``RouteTable(...)``, exactly as the platform builds them in production, and any
+``ValueError``/``TypeError`` they raise comes back as ``DevConfigError``. This
+module only checks the TOML shape: known tables and keys, and each value's TOML
+type (so ``plugin = false`` cannot silently fall back to the default).
+
+Every error message reads ``{file}: {key}: {problem}``, where ``{key}`` is the
+TOML key path, e.g. ``config.dev.toml: [proxy."/peak"].url: upstream URL ...``.
+A missing or empty ``[proxy]`` table is allowed and gives an empty table.
+"""
+
+import asyncio
+import difflib
+import json
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .errors import DevConfigError
+from .routing import Route, RouteTable, Upstream
+
+CONFIG_ENV = "MINT_PROXY_CONFIG"
+SECRET_ENV = "MINT_INTERNAL_TOKEN_SECRET"
+DEFAULT_CONFIG_PATH = "config.dev.toml"
+DEFAULT_RETRY_WINDOW = 2.0
+
+# Route-table key -> (accepted TOML types, how to say it). Only types: values are Route's business.
+_ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "url": ((str,), 'a string like "http://127.0.0.1:8005" or "unix:/path.sock"'),
+    "plugin": ((str,), "a string"),
+    "strip_prefix": ((bool,), "true or false"),
+    "connect_timeout": ((int, float), "a number of seconds"),
+    "read_timeout": ((int, float), "a number of seconds"),
+    "max_body_bytes": ((int,), "an integer number of bytes"),
+}
+_SETTINGS_KEYS = ("mount_path", "retry_window")
+_TOP_LEVEL_KEYS = ("proxy", "settings")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_MOUNT_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
+_TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array"}
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    """What ``config.dev.toml`` describes: the routes plus proxy-wide settings.
+
+    ``mount_path`` is where the proxy sits (``""`` or e.g. ``"/api"``), and
+    ``retry_window`` is how many seconds refused connections are retried.
+    """
+
+    path: str
+    routes: RouteTable
+    mount_path: str = ""
+    retry_window: float = DEFAULT_RETRY_WINDOW
+
+
+def config_path_from_environ(environ: Mapping[str, str]) -> str:
+    """Return ``$MINT_PROXY_CONFIG``, or ``config.dev.toml`` when it is unset or empty."""
+    return environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def secret_from_environ(environ: Mapping[str, str]) -> str | None:
+    """Return ``$MINT_INTERNAL_TOKEN_SECRET``, or ``None`` when it is unset or empty."""
+    return environ.get(SECRET_ENV) or None
+
+
+def load_dev_config(path: str | os.PathLike[str]) -> DevConfig:
+    """Read and parse a dev config file; raise ``DevConfigError`` naming the file on any problem."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        where = "" if os.path.isabs(name) else f" (looked in {os.path.abspath(name)})"
+        raise DevConfigError(f"{name}: no such file{where}; set {CONFIG_ENV} or create it", path=name) from None
+    except IsADirectoryError:
+        raise DevConfigError(f"{name}: is a directory; point {CONFIG_ENV} at a .toml file", path=name) from None
+    except OSError as exc:
+        raise DevConfigError(f"{name}: cannot read the file: {exc.strerror}", path=name) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DevConfigError(f"{name}: not UTF-8 (byte {exc.start}); save the file as UTF-8", path=name) from None
+    return parse_dev_config(text, path=name)
+
+
+def parse_dev_config(text: str, *, path: str = "<string>") -> DevConfig:
+    """Parse config text into a ``DevConfig``; pure, ``path`` only appears in messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        hint = ""
+        if str(exc).startswith(("Cannot overwrite", "Cannot declare")):
+            hint = "; each key may appear once (a prefix uses either the short or the table form)"
+        raise DevConfigError(f"{path}: invalid TOML: {exc}{hint}", path=path) from None
+    for key, value in document.items():
+        if key not in _TOP_LEVEL_KEYS:
+            where = _where((key,)) if isinstance(value, dict) else _quote(key)
+            _fail(
+                path,
+                where,
+                f"unknown key{_did_you_mean(key, _TOP_LEVEL_KEYS)}; allowed top-level tables: [proxy], [settings]",
+            )
+    proxy = _table(path, document, "proxy")
+    settings = _table(path, document, "settings")
+    routes = [_route(path, prefix, entry) for prefix, entry in proxy.items()]
+    try:
+        table = RouteTable(routes)
+    except (ValueError, TypeError) as exc:  # duplicates cannot survive tomllib; kept for parity's sake
+        raise DevConfigError(f"{path}: [proxy]: {exc}", path=path, key="[proxy]") from exc
+    for key in settings:
+        if key not in _SETTINGS_KEYS:
+            allowed = ", ".join(_SETTINGS_KEYS)
+            _fail(
+                path, _where(("settings",), key), f"unknown key{_did_you_mean(key, _SETTINGS_KEYS)}; allowed: {allowed}"
+            )
+    return DevConfig(
+        path=path,
+        routes=table,
+        mount_path=_mount_path(path, settings.get("mount_path", "")),
+        retry_window=_retry_window(path, settings.get("retry_window", DEFAULT_RETRY_WINDOW)),
+    )
+
+
+def _table(path: str, document: dict[str, Any], name: str) -> dict[str, Any]:
+    value = document.get(name, {})
+    if not isinstance(value, dict):
+        _fail(path, name, f"must be a table ([{name}]), got {_kind(value)}")
+    return value
+
+
+def _route(path: str, prefix: str, entry: object) -> Route:
+    """Turn one ``[proxy]`` entry (short or table form) into a ``Route``."""
+    if isinstance(entry, str):
+        return _construct(path, prefix, entry, {}, table_form=False)
+    if not isinstance(entry, dict):
+        problem = f'must be a URL string or a table with url = "...", got {_kind(entry)}'
+        _fail(path, _where(("proxy",), prefix), problem)
+    for key, value in entry.items():
+        where = _where(("proxy", prefix), key)
+        if key not in _ROUTE_KEYS:
+            allowed = ", ".join(_ROUTE_KEYS)
+            _fail(path, where, f"unknown key{_did_you_mean(key, _ROUTE_KEYS)}; allowed keys: {allowed}")
+        types, expected = _ROUTE_KEYS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            _fail(path, where, f"must be {expected}, got {_kind(value)}")
+    if "url" not in entry:
+        _fail(path, _where(("proxy", prefix)), 'missing required key url; add url = "http://127.0.0.1:PORT"')
+    options = {key: value for key, value in entry.items() if key != "url"}
+    return _construct(path, prefix, entry["url"], options, table_form=True)
+
+
+def _construct(path: str, prefix: str, url: str, options: dict[str, Any], *, table_form: bool) -> Route:
+    """Call ``Route(...)``; on failure, blame the key whose value alone makes it fail."""
+    try:
+        return Route(prefix, url, **options)
+    except (ValueError, TypeError) as exc:
+        culprit = _culprit(prefix, url, options) if table_form else None
+        if culprit:
+            where = _where(("proxy", prefix), culprit)
+        else:
+            where = _where(("proxy", prefix)) if table_form else _where(("proxy",), prefix)
+        raise DevConfigError(f"{path}: {where}: {exc}", path=path, key=where) from exc
+
+
+def _culprit(prefix: str, url: str, options: dict[str, Any]) -> str | None:
+    """Replay the constructor one input at a time to find the key to name; ``None`` means the prefix."""
+    try:
+        Upstream.parse(url)
+    except (ValueError, TypeError):
+        return "url"
+    try:
+        Route(prefix, url)
+    except (ValueError, TypeError):
+        return None
+    for key, value in options.items():
+        try:
+            Route(prefix, url, **{key: value})
+        except (ValueError, TypeError):
+            return key
+    return None
+
+
+def _mount_path(path: str, value: object) -> str:
+    where = _where(("settings",), "mount_path")
+    if not isinstance(value, str):
+        _fail(path, where, f'must be a string like "/api", got {_kind(value)}')
+    segments = value[1:].split("/")
+    if value and (
+        not value.startswith("/")
+        or value.endswith("/")
+        or any(s in (".", "..") or not _MOUNT_SEGMENT.fullmatch(s) for s in segments)
+    ):
+        problem = "must be \"\" or a path like \"/api\": a leading '/', no trailing '/', no empty or dot segments"
+        _fail(path, where, f"{value!r} {problem}")
+    return value
+
+
+def _retry_window(path: str, value: object) -> float:
+    where = _where(("settings",), "retry_window")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _fail(path, where, f"must be a number of seconds, got {_kind(value)}")
+    if not (math.isfinite(value) and value >= 0):
+        _fail(path, where, f"must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _fail(path: str, where: str, problem: str) -> NoReturn:
+    raise DevConfigError(f"{path}: {where}: {problem}", path=path, key=where)
+
+
+def _quote(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _where(table: tuple[str, ...], key: str | None = None) -> str:
+    """Render a TOML key path the way the user wrote it: ``[proxy."/peak"].url``."""
+    header = "[" + ".".join(_quote(part) for part in table) + "]"
+    return f"{header}.{_quote(key)}" if key else header
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    return f"{value!r} ({_TOML_TYPES.get(type(value), type(value).__name__)})"
+
+
+def _did_you_mean(key: str, allowed: Any) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class ConfigWatcher:
+    """Picks up edits to config.dev.toml while running; a broken edit keeps the last good table and logs the error.
+
+        watcher = ConfigWatcher(config.path, config.routes)
+        task = asyncio.create_task(watcher.run())   # cancel it to stop
+
+    A change is a new ``(mtime_ns, size, inode)``; the baseline is taken at
+    construction, right after the caller loaded the file (if by then the file
+    differs from ``routes`` or is broken, the first check reloads or reports it).
+    Routes apply live; ``mount_path`` and ``retry_window`` are read at startup
+    only, so changing them logs a warning asking for a restart.
+    """
+
+    def __init__(
+        self, path: str, routes: RouteTable, *, interval: float = 1.0, logger: logging.Logger | None = None
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        self.path = path
+        self.interval = interval
+        self._routes = routes
+        self._logger = logger or logging.getLogger("mint_proxy")
+        self._signature = _signature(path)
+        # Baseline for the restart warning: the settings the file holds now (best effort).
+        self._settings: tuple[str, float] | None = None
+        try:
+            config = load_dev_config(path)
+        except DevConfigError:
+            self._signature = None  # broken since the caller loaded it: the first check reports why
+            return
+        self._settings = (config.mount_path, config.retry_window)
+        if config.routes != routes:
+            self._signature = None  # edited since the caller loaded it: reload on the first check
+
+    def check(self) -> bool:
+        """Poll once: reload if the file changed; return True when the route table was replaced."""
+        signature = _signature(self.path)  # stat before reading, so an edit during the read is seen next time
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            config = load_dev_config(self.path)
+        except DevConfigError as exc:
+            self._logger.error("%s; keeping the last good routes (%d)", exc, len(self._routes))
+            return False
+        settings = (config.mount_path, config.retry_window)
+        if self._settings is not None and settings != self._settings:
+            self._logger.warning(
+                "%s: mount_path/retry_window changed; restart the proxy to apply them (routes apply now)", self.path
+            )
+        self._settings = settings
+        self._routes.replace(config.routes)
+        self._logger.info("reloaded %s: %d routes", self.path, len(config.routes))
+        return True
+
+    async def run(self) -> None:
+        """Poll every ``interval`` seconds until cancelled; errors are logged, never fatal."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:
+                self._logger.exception("error while checking %s for changes", self.path)
+
+
+def _signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)

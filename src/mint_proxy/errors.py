@@ -1,0 +1,110 @@
+"""Exceptions raised by mint_proxy.
+
+    MintProxyError
+    ├── DevConfigError            config.dev.toml is unreadable or invalid
+    ├── InvalidInternalToken      an internal token failed verification
+    └── ProxyError                a request cannot be proxied; carries the HTTP status
+        ├── BadRequest                 400  the request is malformed or ambiguous
+        ├── RequestTimeout             408  the client stopped sending its body
+        ├── PayloadTooLarge            413  the body exceeds the route's max_body_bytes
+        ├── HeadersTooLarge            431  the request headers exceed the proxy's limit
+        ├── LoopDetected               508  the request already passed through this proxy
+        ├── UpstreamUnavailable        502  the plugin refused or dropped the connection
+        ├── UpstreamProtocolError      502  the plugin answered with invalid HTTP
+        └── UpstreamTimeout            504  the plugin did not connect or answer in time
+
+Every ``ProxyError`` becomes a JSON response in exactly one place
+(``mint_proxy.asgi._error_response``). Messages never contain upstream
+addresses, exception text from the network layer, or secrets.
+"""
+
+
+class MintProxyError(Exception):
+    """Base class of every exception mint_proxy raises on purpose."""
+
+
+class DevConfigError(MintProxyError):
+    """Raised when a dev config file is missing, unparsable or invalid.
+
+    The message names the file, the key and the problem.
+    """
+
+    def __init__(self, message: str, *, path: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
+
+
+class InvalidInternalToken(MintProxyError):
+    """Raised when an internal token is missing, malformed, expired or not for this plugin."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ProxyError(MintProxyError):
+    """A request that cannot be proxied. ``status`` is the HTTP status the client receives."""
+
+    status: int = 502
+    error: str = "bad_gateway"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequest(ProxyError):
+    """Raised for a malformed or ambiguous request (framing, dot segments, bad target)."""
+
+    status = 400
+    error = "bad_request"
+
+
+class RequestTimeout(ProxyError):
+    """Raised when the client goes idle for too long while sending its body."""
+
+    status = 408
+    error = "request_timeout"
+
+
+class PayloadTooLarge(ProxyError):
+    """Raised when a request body exceeds the route's ``max_body_bytes``."""
+
+    status = 413
+    error = "payload_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    """Raised when the request headers exceed the proxy's size limits."""
+
+    status = 431
+    error = "request_header_fields_too_large"
+
+
+class LoopDetected(ProxyError):
+    """Raised when a request carries this proxy's own ``Via`` pseudonym (a routing loop)."""
+
+    status = 508
+    error = "loop_detected"
+
+
+class UpstreamUnavailable(ProxyError):
+    """Raised when the plugin refuses the connection (after retries) or drops it."""
+
+    status = 502
+    error = "bad_gateway"
+
+
+class UpstreamProtocolError(ProxyError):
+    """Raised when the plugin's response is not valid HTTP/1.1."""
+
+    status = 502
+    error = "bad_gateway"
+
+
+class UpstreamTimeout(ProxyError):
+    """Raised when connecting to the plugin or waiting for its response times out."""
+
+    status = 504
+    error = "gateway_timeout"

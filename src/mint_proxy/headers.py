@@ -1,0 +1,227 @@
+"""Header rewriting rules, as pure functions over raw ASGI header lists.
+
+Theory of operation
+-------------------
+A request header list (lowercase ``bytes`` names, order and repeats kept) goes
+through ``inspect_request`` once. That single pass:
+
+* drops hop-by-hop headers (RFC 9110 §7.6.1): ``Connection`` and every header it
+  names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``,
+  ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``;
+* drops the client's framing (``Content-Length``/``Transfer-Encoding``) after
+  checking it is unambiguous: the upstream request is framed anew (RFC 9112 §6.3,
+  the request-smuggling rules);
+* drops ``Expect`` (the ASGI server answers ``100-continue`` itself);
+* drops every header the proxy owns and sets itself: ``Forwarded``,
+  ``X-Forwarded-*``, ``X-Real-IP``, ``X-Request-Id``, ``X-Mint-Internal-Token``,
+  including aliases that servers such as CGI/WSGI gateways fold onto the same
+  name (``X_Mint_Internal_Token``, ``X.Mint.Internal.Token``, any case);
+* keeps everything else exactly as sent, ``Authorization``, ``Cookie`` and
+  ``Host`` included, in order, duplicates included.
+
+The proxy's own headers are appended afterwards by ``proxy_headers``, so no
+``Connection`` token can remove them. Response headers go through
+``filter_response``: hop-by-hop and framing headers, and any internal token,
+are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
+pointing at the upstream is mapped back to the client-visible path.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import BadRequest, LoopDetected
+from .routing import Route
+
+REQUEST_ID_HEADER = b"x-request-id"
+INTERNAL_TOKEN_HEADER = b"x-mint-internal-token"
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+    }
+)
+# Headers the proxy sets itself; a client's copy is never forwarded.
+PROXY_OWNED = frozenset({b"forwarded", b"x-real-ip", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
+_DROP_FROM_REQUEST = HOP_BY_HOP | PROXY_OWNED | {b"content-length", b"expect"}
+# Never removed by a Connection token: the request cannot be routed without it.
+_PROTECTED = frozenset({b"host"})
+# Response headers never passed to the client. Content-Length is re-added when the
+# body length is known; Date and Server are set by the ASGI server in front of us
+# (uvicorn, hypercorn, granian all do), so a proxied response looks like a native one
+# instead of carrying two of each.
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER}
+
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# RFC 9110 §5.5: a field value never carries CR, LF or NUL.
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+
+
+def new_request_id() -> bytes:
+    """128 random bits as 32 lowercase hex characters."""
+    return os.urandom(16).hex().encode("ascii")
+
+
+def _canonical(name: bytes) -> bytes:
+    """Fold the aliases some servers treat as equal: case, ``_`` and ``.`` for ``-``."""
+    return name.lower().replace(b"_", b"-").replace(b".", b"-")
+
+
+def _is_proxy_owned(name: bytes) -> bool:
+    return name in PROXY_OWNED or name.startswith(b"x-forwarded-")
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What ``inspect_request`` learned from the client's headers."""
+
+    headers: list[tuple[bytes, bytes]]
+    request_id: bytes
+    host: bytes | None
+    content_length: int | None
+    chunked: bool
+
+
+def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_marker: bytes) -> RequestInfo:
+    """Validate and filter a request's headers; raise ``BadRequest`` or ``LoopDetected``."""
+    kept: list[tuple[bytes, bytes]] = []
+    connection_tokens: set[bytes] = set()
+    request_ids: list[bytes] = []
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    encodings: list[bytes] = []
+    for name, value in raw:
+        if _BAD_VALUE.search(value):
+            raise BadRequest(f"header {name.decode('latin-1')!r} contains CR, LF or NUL")
+        if name in _DROP_FROM_REQUEST or name.startswith(b"x-forwarded-"):
+            if name == b"content-length":
+                lengths.extend(v.strip() for v in value.split(b","))
+            elif name == b"transfer-encoding":
+                encodings.append(value)
+            elif name == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+            elif name == REQUEST_ID_HEADER:
+                request_ids.append(value)
+            continue
+        if b"_" in name or b"." in name or not name.islower():
+            canonical = _canonical(name)
+            if canonical in _DROP_FROM_REQUEST or _is_proxy_owned(canonical):
+                continue
+        if name == b"host":
+            hosts.append(value)
+        elif name == b"via" and via_marker in value:
+            raise LoopDetected("the request already passed through this proxy (a route points back at it)")
+        kept.append((name, value))
+
+    if len(hosts) > 1:
+        raise BadRequest("more than one Host header")
+    if not hosts and http_version == "1.1":
+        raise BadRequest("HTTP/1.1 request without a Host header")
+
+    content_length = None
+    if encodings:
+        if lengths:
+            raise BadRequest("both Content-Length and Transfer-Encoding are present")
+        if http_version == "1.0":
+            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if len(encodings) != 1 or encodings[0].strip().lower() != b"chunked":
+            raise BadRequest("Transfer-Encoding must be exactly 'chunked'")
+    elif lengths:
+        if any(not _DIGITS.fullmatch(v) for v in lengths) or len(set(lengths)) != 1:
+            raise BadRequest("Content-Length must be one non-negative decimal number")
+        content_length = int(lengths[0])
+
+    connection_tokens -= _PROTECTED
+    connection_tokens.discard(b"")
+    if connection_tokens - {b"keep-alive", b"close"}:
+        kept = [(n, v) for n, v in kept if n not in connection_tokens]
+
+    request_id = request_ids[0] if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]) else None
+    return RequestInfo(
+        headers=kept,
+        request_id=request_id or new_request_id(),
+        host=hosts[0] if hosts else None,
+        content_length=content_length,
+        chunked=bool(encodings),
+    )
+
+
+def forwarded_headers(
+    info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str
+) -> list[tuple[bytes, bytes]]:
+    """The ``X-Forwarded-*`` set, built only from the ASGI scope (never from client headers).
+
+    The ASGI server decides which upstream proxies to trust (uvicorn's
+    ``--forwarded-allow-ips``) and has already put the result in the scope.
+    """
+    headers = []
+    if client:
+        headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
+    proto = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    headers.append((b"x-forwarded-proto", proto.encode("latin-1")))
+    if info.host is not None:
+        headers.append((b"x-forwarded-host", info.host))
+    if forwarded_prefix:
+        headers.append((b"x-forwarded-prefix", forwarded_prefix.encode("latin-1")))
+    return headers
+
+
+def via_value(http_version: str, pseudonym: bytes) -> bytes:
+    """RFC 9110 §7.6.3: ``received-protocol received-by``; HTTP is implied, so ``1.1 name``."""
+    return http_version.encode("latin-1") + b" " + pseudonym
+
+
+def filter_response(
+    raw: list[tuple[bytes, bytes]], *, request_id: bytes, route: Route, client_prefix: str
+) -> list[tuple[bytes, bytes]]:
+    """Remove hop-by-hop, framing and internal headers; set the request id; map ``Location``."""
+    connection_tokens: set[bytes] = set()
+    for name, value in raw:
+        if name == b"connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
+        if name in _DROP_FROM_RESPONSE or name in connection_tokens:
+            continue
+        if b"_" in name or b"." in name:
+            canonical = _canonical(name)
+            if canonical in (REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER):
+                continue
+        if name == b"location":
+            value = rewrite_location(value, route=route, client_prefix=client_prefix)
+        out.append((name, value))
+    out.append((REQUEST_ID_HEADER, request_id))
+    return out
+
+
+def rewrite_location(value: bytes, *, route: Route, client_prefix: str) -> bytes:
+    """Map a ``Location`` on the upstream's own origin back to the path the client sees.
+
+    ``client_prefix`` is what the client's path has in front of the upstream's
+    path: ``mount_path + prefix`` when the route strips its prefix, else ``""``.
+    An absolute URL on any other origin, and relative references, are left alone.
+    Like nginx's ``proxy_redirect default``.
+    """
+    upstream = route.upstream
+    origin = upstream.origin.encode("latin-1")
+    if origin and value[: len(origin)].lower() == origin and value[len(origin) : len(origin) + 1] in (b"", b"/", b"?"):
+        path = value[len(origin) :] or b"/"
+    elif value.startswith(b"/") and not value.startswith(b"//") and (client_prefix or upstream.base_path):
+        path = value
+    else:
+        return value
+    base = upstream.base_path.encode("latin-1")
+    if base and (path == base or path.startswith(base + b"/") or path.startswith(base + b"?")):
+        path = path[len(base) :]
+        if not path.startswith(b"/"):
+            path = b"/" + path
+    return client_prefix.encode("latin-1") + path

@@ -1,0 +1,534 @@
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from mint_proxy.devconfig import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_RETRY_WINDOW,
+    SECRET_ENV,
+    ConfigWatcher,
+    DevConfig,
+    config_path_from_environ,
+    load_dev_config,
+    parse_dev_config,
+    secret_from_environ,
+)
+from mint_proxy.errors import DevConfigError, MintProxyError
+from mint_proxy.routing import Route, RouteTable
+
+PATH = "conf/config.dev.toml"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- valid files: the routes must equal the RouteTable built in code (parity) ---------------------------
+
+VALID = [
+    # The seed's short form.
+    pytest.param(
+        '[proxy]\n"/lcms-sequence" = "http://localhost:8004"\n"/peak-picking" = "http://localhost:8005"\n',
+        [Route("/lcms-sequence", "http://localhost:8004"), Route("/peak-picking", "http://localhost:8005")],
+        id="seed-short-form",
+    ),
+    # Table form with only the required url.
+    pytest.param(
+        '[proxy."/peak"]\nurl = "http://127.0.0.1:8005"\n',
+        [Route("/peak", "http://127.0.0.1:8005")],
+        id="table-form-url-only",
+    ),
+    # Table form with every option.
+    pytest.param(
+        '[proxy."/slow-analysis"]\nurl = "http://127.0.0.1:8006/base"\nplugin = "slow"\nstrip_prefix = true\n'
+        "connect_timeout = 2.5\nread_timeout = 3600\nmax_body_bytes = 10485760\n",
+        [
+            Route(
+                "/slow-analysis",
+                "http://127.0.0.1:8006/base",
+                plugin="slow",
+                strip_prefix=True,
+                connect_timeout=2.5,
+                read_timeout=3600,
+                max_body_bytes=10485760,
+            )
+        ],
+        id="table-form-every-option",
+    ),
+    # Unix socket upstream.
+    pytest.param(
+        '[proxy."/x"]\nurl = "unix:/run/mint/x.sock"\nmax_body_bytes = 0\n',
+        [Route("/x", "unix:/run/mint/x.sock", max_body_bytes=0)],
+        id="unix-socket",
+    ),
+    # Both forms mixed in one [proxy] table, plus nested prefixes.
+    pytest.param(
+        '[proxy]\n"/a" = "http://localhost:9001"\n"/a/b" = "http://localhost:9002"\n'
+        '[proxy."/c"]\nurl = "http://localhost:9003"\nstrip_prefix = false\n',
+        [
+            Route("/a", "http://localhost:9001"),
+            Route("/a/b", "http://localhost:9002"),
+            Route("/c", "http://localhost:9003", strip_prefix=False),
+        ],
+        id="mixed-forms",
+    ),
+    # Dotted-key spelling of the table form is the same TOML.
+    pytest.param(
+        '[proxy]\n"/d".url = "http://localhost:9004"\n"/d".read_timeout = 10\n',
+        [Route("/d", "http://localhost:9004", read_timeout=10)],
+        id="dotted-keys",
+    ),
+    # A missing or empty [proxy] yields an empty table.
+    pytest.param("", [], id="empty-file"),
+    pytest.param("[proxy]\n", [], id="empty-proxy"),
+    pytest.param('[settings]\nmount_path = "/api"\n', [], id="settings-only"),
+]
+
+
+@pytest.mark.parametrize(("text", "routes"), VALID)
+def test_parse_builds_the_same_route_table_as_code(text: str, routes: list[Route]) -> None:
+    config = parse_dev_config(text, path=PATH)
+    assert config.routes == RouteTable(routes)
+    assert list(config.routes) == routes
+    assert config.path == PATH
+
+
+@pytest.mark.parametrize(
+    ("text", "mount_path", "retry_window"),
+    [
+        pytest.param("", "", DEFAULT_RETRY_WINDOW, id="defaults"),
+        pytest.param('[settings]\nmount_path = ""\n', "", DEFAULT_RETRY_WINDOW, id="explicit-empty-mount"),
+        pytest.param('[settings]\nmount_path = "/api"\nretry_window = 0.5\n', "/api", 0.5, id="both"),
+        pytest.param('[settings]\nmount_path = "/mint/api"\nretry_window = 0\n', "/mint/api", 0.0, id="nested-zero"),
+        pytest.param("[settings]\nretry_window = 3\n", "", 3.0, id="integer-window"),
+    ],
+)
+def test_parse_settings(text: str, mount_path: str, retry_window: float) -> None:
+    config = parse_dev_config(text, path=PATH)
+    assert (config.mount_path, config.retry_window) == (mount_path, retry_window)
+    assert isinstance(config.retry_window, float)
+
+
+def test_parse_returns_a_devconfig_equal_to_one_built_in_code() -> None:
+    text = '[proxy]\n"/a" = "http://localhost:9001"\n[settings]\nmount_path = "/api"\nretry_window = 1.5\n'
+    expected = DevConfig(PATH, RouteTable({"/a": "http://localhost:9001"}), mount_path="/api", retry_window=1.5)
+    assert parse_dev_config(text, path=PATH) == expected
+
+
+# --- invalid files: (text, key path in the message, problem in the message) ------------------------------
+
+INVALID = [
+    # Unknown keys anywhere.
+    pytest.param("[proxi]\n", "[proxi]", "unknown key (did you mean 'proxy'?)", id="unknown-top-level-table"),
+    pytest.param("debug = true\n", "debug", "unknown key", id="unknown-top-level-value"),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nread_timout = 1\n',
+        '[proxy."/a"].read_timout',
+        "did you mean 'read_timeout'?",
+        id="unknown-route-key",
+    ),
+    pytest.param('[proxy."/a".extra]\nurl = "http://h"\n', '[proxy."/a"].extra', "unknown key", id="nested-table"),
+    pytest.param("[settings]\nport = 8000\n", "[settings].port", "unknown key", id="unknown-settings-key"),
+    # Wrong shapes and missing keys.
+    pytest.param("proxy = 1\n", "proxy", "must be a table", id="proxy-not-a-table"),
+    pytest.param('settings = "x"\n', "settings", "must be a table", id="settings-not-a-table"),
+    pytest.param('[proxy]\n"/a" = 8005\n', '[proxy]."/a"', "must be a URL string or a table", id="route-integer"),
+    pytest.param('[proxy]\n"/a" = ["http://h"]\n', '[proxy]."/a"', "an array", id="route-array"),
+    pytest.param('[proxy."/a"]\nplugin = "a"\n', '[proxy."/a"]', "missing required key url", id="missing-url"),
+    # Wrong TOML types.
+    pytest.param('[proxy."/a"]\nurl = 8005\n', '[proxy."/a"].url', "must be a string", id="url-integer"),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nstrip_prefix = "yes"\n',
+        '[proxy."/a"].strip_prefix',
+        "must be true or false, got 'yes' (a string)",
+        id="strip-prefix-string",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nread_timeout = "10"\n',
+        '[proxy."/a"].read_timeout',
+        "must be a number of seconds, got '10' (a string)",
+        id="read-timeout-string",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nconnect_timeout = true\n',
+        '[proxy."/a"].connect_timeout',
+        "must be a number of seconds, got True (a boolean)",
+        id="connect-timeout-bool",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nmax_body_bytes = 1.5\n',
+        '[proxy."/a"].max_body_bytes',
+        "must be an integer number of bytes, got 1.5 (a float)",
+        id="max-body-float",
+    ),
+    # A falsy non-string plugin would otherwise fall back to the default silently.
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nplugin = false\n', '[proxy."/a"].plugin', "must be a string", id="plugin-bool"
+    ),
+    pytest.param("[settings]\nmount_path = 1\n", "[settings].mount_path", "must be a string", id="mount-path-integer"),
+    pytest.param(
+        '[settings]\nretry_window = "2"\n', "[settings].retry_window", "must be a number", id="retry-window-string"
+    ),
+    pytest.param("[settings.mount_path]\nx = 1\n", "[settings].mount_path", "got a table", id="mount-path-table"),
+    # Values rejected by Route itself, attributed to the key at fault.
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nread_timeout = 0\n',
+        '[proxy."/a"].read_timeout',
+        "read_timeout must be a positive number of seconds",
+        id="read-timeout-zero",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nmax_body_bytes = -1\n',
+        '[proxy."/a"].max_body_bytes',
+        "must be a non-negative integer",
+        id="max-body-negative",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nplugin = "-x"\n', '[proxy."/a"].plugin', "must be a slug", id="plugin-slug"
+    ),
+    # Bad URLs and schemes.
+    pytest.param(
+        '[proxy]\n"/a" = "https://h:8443"\n', '[proxy]."/a"', "only 'http' and 'unix' are supported", id="https"
+    ),
+    pytest.param('[proxy."/a"]\nurl = "ftp://h"\n', '[proxy."/a"].url', "has scheme 'ftp'", id="ftp-table-form"),
+    pytest.param('[proxy]\n"/a" = "localhost:8005"\n', '[proxy]."/a"', "must look like", id="no-scheme"),
+    pytest.param('[proxy]\n"/a" = "http://h:99999"\n', '[proxy]."/a"', "invalid port", id="bad-port"),
+    pytest.param('[proxy]\n"/a" = "http://h/?q=1"\n', '[proxy]."/a"', "must not contain a query", id="query"),
+    pytest.param('[proxy]\n"/a" = "unix:run/x.sock"\n', '[proxy]."/a"', "unix:/absolute/path", id="unix-relative"),
+    # Bad prefixes.
+    pytest.param('[proxy]\npeak = "http://h"\n', "[proxy].peak", "must start with '/'", id="prefix-no-slash"),
+    pytest.param('[proxy]\n"/peak/" = "http://h"\n', '[proxy]."/peak/"', "must not end with '/'", id="prefix-trail"),
+    pytest.param('[proxy]\n"/a//b" = "http://h"\n', '[proxy]."/a//b"', "invalid segment ''", id="prefix-empty-seg"),
+    pytest.param(
+        '[proxy."/../x"]\nurl = "http://h"\n', '[proxy."/../x"]', "invalid segment '..'", id="prefix-dot-dot-table"
+    ),
+    # Bad settings values.
+    pytest.param('[settings]\nmount_path = "api"\n', "[settings].mount_path", "'api' must be", id="mount-no-slash"),
+    pytest.param('[settings]\nmount_path = "/api/"\n', "[settings].mount_path", "no trailing '/'", id="mount-trail"),
+    pytest.param('[settings]\nmount_path = "/"\n', "[settings].mount_path", "'/' must be", id="mount-root"),
+    pytest.param('[settings]\nmount_path = "/a/../b"\n', "[settings].mount_path", "dot segments", id="mount-dotdot"),
+    pytest.param("[settings]\nretry_window = -1\n", "[settings].retry_window", ">= 0, got -1", id="negative-window"),
+    pytest.param("[settings]\nretry_window = nan\n", "[settings].retry_window", "finite", id="nan-window"),
+    # TOML syntax errors and duplicates, reported with tomllib's line and column.
+    pytest.param("[proxy\n", "invalid TOML", "(at line 1, column 7)", id="toml-syntax"),
+    pytest.param('[proxy]\n/a = "http://h"\n', "invalid TOML", "(at line 2, column 1)", id="unquoted-prefix"),
+    pytest.param(
+        '[proxy]\n"/a" = "http://h"\n"/a" = "http://i"\n',
+        "invalid TOML: Cannot overwrite a value (at line 3",
+        "each key may appear once",
+        id="duplicate-key",
+    ),
+    pytest.param(
+        '[proxy]\n"/a" = "http://h"\n\'/a\' = "http://i"\n',
+        "invalid TOML: Cannot overwrite",
+        "each key may appear once",
+        id="duplicate-key-other-quotes",
+    ),
+    pytest.param(
+        '[proxy]\n"/a" = "http://h"\n[proxy."/a"]\nurl = "http://i"\n',
+        "invalid TOML: Cannot overwrite",
+        "short or the table form",
+        id="duplicate-short-and-table",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\n[proxy."/a"]\nurl = "http://i"\n',
+        "invalid TOML: Cannot declare",
+        "each key may appear once",
+        id="duplicate-table",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), INVALID)
+def test_parse_rejects_with_file_key_and_problem(text: str, key: str, problem: str) -> None:
+    with pytest.raises(DevConfigError) as info:
+        parse_dev_config(text, path=PATH)
+    message = str(info.value)
+    assert message.startswith(f"{PATH}: {key}")
+    assert problem in message
+    assert info.value.path == PATH
+
+
+def test_error_key_attribute_is_the_key_path() -> None:
+    with pytest.raises(DevConfigError) as info:
+        parse_dev_config('[proxy."/a"]\nurl = "ftp://h"\n', path=PATH)
+    assert info.value.key == '[proxy."/a"].url'
+    assert isinstance(info.value, MintProxyError)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_route_table_errors_are_reported_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tomllib already rejects duplicate prefixes, so RouteTable's own check is reached only through a stub.
+    def route_table(routes: list[Route]) -> RouteTable:
+        raise ValueError("duplicate route for prefix '/a'")
+
+    monkeypatch.setattr("mint_proxy.devconfig.RouteTable", route_table)
+    with pytest.raises(DevConfigError, match=r"^conf/config\.dev\.toml: \[proxy\]: duplicate route for prefix '/a'$"):
+        parse_dev_config('[proxy]\n"/a" = "http://h"\n', path=PATH)
+
+
+def test_default_path_in_messages() -> None:
+    with pytest.raises(DevConfigError, match=r"^<string>: proxy: "):
+        parse_dev_config("proxy = 1\n")
+
+
+# --- files -----------------------------------------------------------------------------------------------
+
+
+def test_load_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.dev.toml"
+    path.write_text('[proxy]\n"/a" = "http://localhost:9001"\n', encoding="utf-8")
+    config = load_dev_config(path)
+    assert config.path == str(path)
+    assert config.routes == RouteTable([Route("/a", "http://localhost:9001")])
+
+
+def test_load_names_the_file_in_parse_errors(tmp_path: Path) -> None:
+    path = tmp_path / "config.dev.toml"
+    path.write_text('[proxy]\n"/a" = "https://h"\n', encoding="utf-8")
+    with pytest.raises(DevConfigError, match=r"config\.dev\.toml: \[proxy\]\.\"/a\": .*scheme 'https'") as info:
+        load_dev_config(str(path))
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        pytest.param("missing.toml", "no such file", id="missing-file"),
+        pytest.param("a-directory", "is a directory", id="directory"),
+        pytest.param("latin1.toml", "not UTF-8", id="not-utf8"),
+    ],
+)
+def test_load_rejects_unreadable_files(tmp_path: Path, name: str, problem: str) -> None:
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "latin1.toml").write_bytes(b'[proxy]\n"/caf\xe9" = "http://h"\n')
+    path = tmp_path / name
+    with pytest.raises(DevConfigError) as info:
+        load_dev_config(path)
+    assert str(info.value).startswith(f"{path}: {problem}")
+    assert info.value.path == str(path)
+
+
+def test_missing_relative_file_says_where_it_looked_and_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(DevConfigError) as info:
+        load_dev_config("does-not-exist/config.dev.toml")
+    message = str(info.value)
+    assert message.startswith("does-not-exist/config.dev.toml: no such file (looked in /")
+    assert f"set {CONFIG_ENV} or create it" in message
+
+
+def test_load_reports_other_os_errors_by_their_reason(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 300)  # longer than any file system's NAME_MAX: ENAMETOOLONG, not ENOENT
+    with pytest.raises(DevConfigError) as info:
+        load_dev_config(path)
+    assert str(info.value) == f"{path}: cannot read the file: File name too long"
+
+
+# --- environment -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({}, DEFAULT_CONFIG_PATH, id="unset"),
+        pytest.param({CONFIG_ENV: ""}, DEFAULT_CONFIG_PATH, id="empty"),
+        pytest.param({CONFIG_ENV: "/etc/mint/dev.toml"}, "/etc/mint/dev.toml", id="set"),
+        pytest.param({"OTHER": "x.toml"}, DEFAULT_CONFIG_PATH, id="other-variable"),
+    ],
+)
+def test_config_path_from_environ(environ: dict[str, str], expected: str) -> None:
+    assert config_path_from_environ(environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({}, None, id="unset"),
+        pytest.param({SECRET_ENV: ""}, None, id="empty-counts-as-unset"),
+        pytest.param({SECRET_ENV: "s" * 32}, "s" * 32, id="set"),
+    ],
+)
+def test_secret_from_environ(environ: dict[str, str], expected: str | None) -> None:
+    assert secret_from_environ(environ) == expected
+
+
+# --- watcher ---------------------------------------------------------------------------------------------
+
+ONE = '[proxy]\n"/a" = "http://localhost:9001"\n'
+TWO = '[proxy]\n"/a" = "http://localhost:9001"\n"/b" = "http://localhost:9002"\n'
+BROKEN = '[proxy]\n"/a" = "https://localhost:9001"\n'
+
+
+class _Config:
+    """A config file whose every write gets a new, deterministic mtime (no sleeps)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.mtime_ns = 1_700_000_000_000_000_000
+        self.write(text)
+
+    def write(self, text: str) -> None:
+        self.path.write_text(text, encoding="utf-8")
+        self.mtime_ns += 1_000_000_000
+        os.utime(self.path, ns=(self.mtime_ns, self.mtime_ns))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> _Config:
+    return _Config(tmp_path / "config.dev.toml", ONE)
+
+
+@pytest.fixture
+def table(config: _Config) -> RouteTable:
+    return load_dev_config(config.path).routes
+
+
+def test_watcher_unchanged_file_is_not_reloaded(config: _Config, table: RouteTable) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    assert watcher.check() is False
+    assert watcher.check() is False
+
+
+def test_watcher_applies_an_edit(config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    config.write(TWO)
+    with caplog.at_level(logging.INFO, logger="mint_proxy"):
+        assert watcher.check() is True
+    assert table == parse_dev_config(TWO).routes
+    assert f"reloaded {config.path}: 2 routes" in caplog.messages
+    assert watcher.check() is False
+
+
+def test_watcher_sees_an_edit_with_the_same_mtime_and_size(config: _Config, table: RouteTable) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    replacement = config.path.with_name("new.toml")
+    replacement.write_text(ONE.replace("9001", "9009"), encoding="utf-8")
+    os.utime(replacement, ns=(config.mtime_ns, config.mtime_ns))
+    os.replace(replacement, config.path)  # how editors save: a new inode
+    assert watcher.check() is True
+    assert table.get("/a") == Route("/a", "http://localhost:9009")
+
+
+def test_watcher_keeps_the_last_good_table_on_a_broken_edit_then_recovers(
+    config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    before = RouteTable(table)
+    config.write(BROKEN)
+    with caplog.at_level(logging.INFO, logger="mint_proxy"):
+        assert watcher.check() is False
+    assert table == before
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith(f'{config.path}: [proxy]."/a": ')
+    assert "keeping the last good routes (1)" in record.getMessage()
+    assert watcher.check() is False  # reported once, not on every poll
+
+    config.write(TWO)
+    assert watcher.check() is True
+    assert len(table) == 2
+
+
+def test_watcher_keeps_the_table_when_the_file_disappears(
+    config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    before = RouteTable(table)
+    config.path.unlink()
+    assert watcher.check() is False
+    assert table == before
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert "no such file" in caplog.messages[0]
+    assert "config.dev.toml" in caplog.messages[0]
+    assert watcher.check() is False
+
+    config.write(TWO)
+    assert watcher.check() is True
+    assert len(table) == 2
+
+
+def test_watcher_warns_that_settings_need_a_restart(
+    config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = ConfigWatcher(str(config.path), table)
+    config.write(TWO + '[settings]\nmount_path = "/api"\n')
+    assert watcher.check() is True
+    assert len(table) == 2
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "restart" in record.getMessage()
+
+
+def test_watcher_reloads_when_the_file_changed_before_it_started(config: _Config, table: RouteTable) -> None:
+    config.write(TWO)  # edited between the caller's load and the watcher's construction
+    watcher = ConfigWatcher(str(config.path), table)
+    assert watcher.check() is True
+    assert len(table) == 2
+
+
+def test_watcher_reports_a_file_broken_before_it_started(
+    config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    config.write(BROKEN)
+    watcher = ConfigWatcher(str(config.path), table)
+    assert watcher.check() is False
+    assert len(table) == 1
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+
+
+def test_watcher_uses_the_given_logger(config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture) -> None:
+    watcher = ConfigWatcher(str(config.path), table, logger=logging.getLogger("custom"))
+    config.write(BROKEN)
+    watcher.check()
+    assert [r.name for r in caplog.records] == ["custom"]
+
+
+@pytest.mark.parametrize("interval", [0, -1, True])
+def test_watcher_rejects_a_bad_interval(config: _Config, table: RouteTable, interval: float) -> None:
+    with pytest.raises(ValueError, match="interval must be a positive number"):
+        ConfigWatcher(str(config.path), table, interval=interval)
+
+
+@pytest.mark.anyio
+async def test_watcher_run_picks_up_an_edit_and_stops_when_cancelled(config: _Config, table: RouteTable) -> None:
+    watcher = ConfigWatcher(str(config.path), table, interval=0.01)
+    task = asyncio.create_task(watcher.run())
+    config.write(TWO)
+    for _ in range(500):  # bounded: at most ~5 s, normally a few ms
+        if len(table) == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(table) == 2
+
+
+@pytest.mark.anyio
+async def test_watcher_run_survives_unexpected_errors(
+    config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watcher = ConfigWatcher(str(config.path), table, interval=0.01)
+    calls = 0
+
+    def check() -> bool:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(watcher, "check", check)
+    task = asyncio.create_task(watcher.run())
+    for _ in range(500):
+        if calls >= 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls >= 2
+    assert "error while checking" in caplog.messages[0]
