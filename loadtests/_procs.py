@@ -105,6 +105,39 @@ def rss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
+def _cpu_jiffies() -> dict[str, list[int]]:
+    """Per-CPU jiffies from ``/proc/stat``: user nice system idle iowait irq softirq steal."""
+    jiffies = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            jiffies[name] = [int(v) for v in values[:8]]
+    return jiffies
+
+
+def cpu_task_seconds(cpu: int) -> float:
+    """Seconds CPU ``cpu`` has spent running tasks (user, nice, system) or stolen by the hypervisor.
+
+    Interrupt and softirq time is left out, so on the proxy's CPU this minus the proxy's own
+    utime+stime is what other processes (and steal) took.
+    """
+    user, nice, system, _, _, _, _, steal = _cpu_jiffies().get(f"cpu{cpu}", [0] * 8)
+    return (user + nice + system + steal) / CLK_TCK
+
+
+def cpu_idle_percent(seconds: float = 1.0) -> dict[str, float]:
+    """How idle each CPU was over the next ``seconds`` (to warn when others share the machine)."""
+    before = _cpu_jiffies()
+    time.sleep(seconds)
+    after = _cpu_jiffies()
+    idle = {}
+    for name, now in after.items():
+        then = before.get(name, now)
+        total = sum(now) - sum(then)
+        idle[name] = 100.0 * ((now[3] + now[4]) - (then[3] + then[4])) / total if total else 100.0
+    return idle
+
+
 class RssSampler:
     """Sample the summed RSS of ``pids`` every 20 ms in a thread; ``growth`` is peak minus the start value."""
 

@@ -31,6 +31,7 @@ class RoundResult:
     post_mbps: float | None = None
     get_rss_mib: float | None = None
     post_rss_mib: float | None = None
+    other_load_pct: float | None = None  # CPU time others used on the proxy's CPU, % of wall time
     errors: list[str] = field(default_factory=list)
 
 
@@ -118,7 +119,7 @@ def _goal_rows(summary: Summary) -> list[list[str]]:
     v = summary.values
     checks: list[tuple[str, float | None, str, bool | None, int]] = []
 
-    def check(label: str, value: float | None, goal: str, ok: Callable[[float], bool], digits: int = 2) -> None:
+    def check(label: str, value: float | None, goal: str, ok: Callable[[float], bool], digits: int = 3) -> None:
         checks.append((label, value, goal, ok(value) if value is not None else None, digits))
 
     check(
@@ -228,7 +229,18 @@ def render(
         out += ["", "## Errors", "", *errors]
     out += ["", "## Raw rounds", ""]
     out += _table(
-        ["round", "target", "p50", "p99", "req/s @16", "req/s @64", "proxy µs/req", "GET MB/s", "POST MB/s"],
+        [
+            "round",
+            "target",
+            "p50",
+            "p99",
+            "req/s @16",
+            "req/s @64",
+            "proxy µs/req",
+            "GET MB/s",
+            "POST MB/s",
+            "others' load on proxy CPU",
+        ],
         [
             [
                 str(r.round + 1),
@@ -240,6 +252,7 @@ def render(
                 _fmt(r.proxy_cpu_us, 1),
                 _fmt(r.get_mbps),
                 _fmt(r.post_mbps),
+                _fmt(r.other_load_pct, 1, "%"),
             ]
             for r in results
         ],

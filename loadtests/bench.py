@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from loadtests._procs import RssSampler, Supervisor, cpu_seconds
+from loadtests._procs import RssSampler, Supervisor, cpu_idle_percent, cpu_seconds, cpu_task_seconds
 from loadtests._report import MIB, RoundResult, render, summarize
 from loadtests._targets import (
     ALL_TARGETS,
@@ -50,6 +51,8 @@ from loadtests._wrk import WRK_TIMEOUT_SLACK, WrkResult, run_wrk, write_lua
 GIB = 1024**3
 QUICK_STREAM_BYTES = 100_000_000
 QUICK_DURATION = 2
+MIN_IDLE_PERCENT = 90.0  # below this, warn that other processes share the machine
+NOISY_LOAD_PERCENT = 5.0  # other processes' share of the proxy's CPU worth flagging
 ASSUMED_TRANSFER_MBPS = 300.0  # only for the printed time estimate
 STEP_ERRORS = (RuntimeError, TransferError, OSError, subprocess.TimeoutExpired, ValueError)
 
@@ -167,6 +170,8 @@ class _Run:
     def measure(self, target: Target, round_index: int) -> RoundResult:
         result = RoundResult(target.name, round_index)
         steps = (self._latency, self._throughput, self._download, self._upload)
+        proxy_pids = target.proxy_pids()
+        tasks_before, proxy_before, began = cpu_task_seconds(PROXY_CPU), cpu_seconds(proxy_pids), time.monotonic()
         for step in steps:
             try:
                 step(target, result)
@@ -175,6 +180,8 @@ class _Run:
             if target.proxy is not None and not target.proxy.alive():
                 result.errors.append(f"proxy exited with {target.proxy.popen.returncode}:\n{target.proxy.log_tail()}")
                 break
+        others = (cpu_task_seconds(PROXY_CPU) - tasks_before) - (cpu_seconds(proxy_pids) - proxy_before)
+        result.other_load_pct = max(0.0, 100.0 * others / (time.monotonic() - began))
         return result
 
     def _latency(self, target: Target, result: RoundResult) -> None:
@@ -223,18 +230,25 @@ class _Run:
                 began = time.monotonic()
                 result = self.measure(target, round_index)
                 self.results.append(result)
+                noisy = (result.other_load_pct or 0.0) >= NOISY_LOAD_PERCENT
                 print(
                     f"round {round_index + 1}/{self.opts.repeats} {target.name:<16} "
                     f"p50 {_short(result.p50_us)} µs  @64 {_short(result.rps64)} req/s  "
                     f"proxy {_short(result.proxy_cpu_us, 1)} µs/req  GET {_short(result.get_mbps)} MB/s  "
                     f"POST {_short(result.post_mbps)} MB/s  ({time.monotonic() - began:.0f} s)"
-                    + (f"  [{len(result.errors)} error(s)]" if result.errors else ""),
+                    + (f"  [{len(result.errors)} error(s)]" if result.errors else "")
+                    + (f"  [others used {result.other_load_pct:.0f}% of CPU {PROXY_CPU}]" if noisy else ""),
                     flush=True,
                 )
 
 
 def _short(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _others_load(results: Sequence[RoundResult]) -> str:
+    loads = [r.other_load_pct for r in results if r.other_load_pct is not None]
+    return f"median {statistics.median(loads):.1f}%, max {max(loads):.1f}%" if loads else "not measured"
 
 
 def _versions() -> str:
@@ -248,8 +262,16 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C so every ``finally`` stops its processes."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: FrameType | None) -> None:
+    raise _Signalled(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,9 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"hard upper bound {worst / 60:.0f} min.",
         flush=True,
     )
+    idle = cpu_idle_percent()
+    idle_text = ", ".join(f"{name} {value:.0f}%" for name, value in idle.items())
+    if min(idle.values(), default=100.0) < MIN_IDLE_PERCENT:
+        print(f"warning: the machine is busy before the run (idle: {idle_text}); results will be noisy", flush=True)
     os.sched_setaffinity(0, {CLIENT_CPU})  # the transfer client shares CPU 0 with wrk and the backend
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    signal.signal(signal.SIGTERM, _raise_signalled)
+    signal.signal(signal.SIGHUP, _raise_signalled)
     started = datetime.now(UTC)
     began = time.monotonic()
     try:
@@ -282,11 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: all started processes were stopped", file=sys.stderr)
         return 130
+    except _Signalled as exc:
+        print(f"\nstopped by signal {exc.signum}: all started processes were stopped", file=sys.stderr)
+        return 128 + exc.signum
     meta = [
         f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} vCPUs, {_versions()}",
         f"wrk runs of {opts.duration} s, {opts.repeats} interleaved round(s), medians; "
         f"transfers of {size} each way ({opts.stream_bytes:,} bytes; MB = 10^6 bytes)",
         f"CPU layout: wrk, transfer client and backend on CPU {CLIENT_CPU}; proxy under test alone on CPU {PROXY_CPU}",
+        f"CPU idle in the second before the run: {idle_text}; other processes' load on the proxy's CPU "
+        f"{PROXY_CPU} during the measurements: {_others_load(run.results)}",
         f"wall time {time.monotonic() - began:.0f} s",
     ]
     report = render(summarize(run.results, opts.targets), run.results, meta=meta, skipped=run.skipped)

@@ -71,6 +71,8 @@ def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
         content_length = int(lengths[0])
     if encodings and lengths:
         raise ValueError("both Content-Length and Transfer-Encoding")
+    if encodings and minor == b"0":
+        keep_alive = False  # RFC 9112 §6.1: faulty framing on HTTP/1.0, close after it
 
     if head_request or status < 200 or status in (204, 304):
         framing = NO_BODY

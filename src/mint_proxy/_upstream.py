@@ -95,8 +95,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool._forget(self)
-        if self._state == _BODY and self._framing not in (LENGTH, CHUNKED, NO_BODY):
-            self._finish()  # UNTIL_CLOSE: the close is the end of the body
+        if self._state == _BODY and self._framing not in (LENGTH, CHUNKED, NO_BODY) and exc is None:
+            self._finish()  # UNTIL_CLOSE: a clean close is the end of the body; a reset is not
         elif self._state in (_HEAD, _BODY) and self._error is None:
             when = "before responding" if self._state == _HEAD else "in the middle of its response"
             self._error = UpstreamUnavailable(f"the plugin closed the connection {when}")
@@ -119,7 +119,8 @@ class Connection(asyncio.Protocol):
             self._feed_body(data)
         elif self._state == _HEAD:
             self.received_any = True
-            self._feed_head(self._buf + data if self._buf else data)
+            searched = max(len(self._buf) - 3, 0)  # never rescan what was already searched
+            self._feed_head(self._buf + data if self._buf else data, searched)
         else:
             # Bytes when no response is due: a plugin bug or a late body. Never reuse.
             self._clean = False
@@ -132,14 +133,15 @@ class Connection(asyncio.Protocol):
         self._wake()
         self.abort()
 
-    def _feed_head(self, data: bytes) -> None:
+    def _feed_head(self, data: bytes, searched: int = 0) -> None:
         while True:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
+            end = data.find(b"\r\n\r\n", searched)
+            if end < 0 or end > MAX_HEAD_BYTES:
                 if len(data) > MAX_HEAD_BYTES:
                     return self._fail("the plugin's response head is too large")
                 self._buf = data
                 return
+            searched = 0
             try:
                 head = parse_response_head(data[:end], head_request=self._head_request)
             except ValueError as exc:
@@ -181,8 +183,6 @@ class Connection(asyncio.Protocol):
             self._finish()
         elif framing == CHUNKED:
             self._feed_chunked(self._buf + data if self._buf else data)
-        elif framing == NO_BODY:
-            self._clean = False
         else:
             self._push(data)
 
@@ -209,7 +209,7 @@ class Connection(asyncio.Protocol):
                 self._chunk_state = _SIZE
                 continue
             eol = data.find(b"\r\n", pos)
-            if eol < 0:
+            if eol < 0 or eol - pos > MAX_CHUNK_LINE:
                 if size - pos > MAX_CHUNK_LINE:
                     return self._fail("the plugin sent a malformed chunked body")
                 self._buf = data[pos:]
@@ -254,6 +254,7 @@ class Connection(asyncio.Protocol):
         self._head_request = head_request
         self.head = None
         self._complete = False
+        self._trailer_bytes = 0
         self.request_complete = False
         self.received_any = False
 

@@ -48,6 +48,7 @@ from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout, Ups
 from .headers import (
     INTERNAL_TOKEN_HEADER,
     REQUEST_ID_HEADER,
+    client_request_id,
     filter_response,
     forwarded_headers,
     inspect_request,
@@ -118,12 +119,34 @@ class ProxyMiddleware:
 
                     await proxy_websocket(self, scope, receive, send, route, path)
                 return
+        elif scope_type == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if self.app is not None:
             await self.app(scope, receive, send)
         elif scope_type == "http":
             await _send_error(send, 404, "not_found", "no route matches this path", new_request_id())
         elif scope_type == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "no route matches this path"})
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass lifespan through to the app; close idle upstream connections at shutdown."""
+
+        async def send_closing_pool(message: Message) -> None:
+            if message["type"].startswith("lifespan.shutdown."):
+                self.pool.close()
+            await send(message)
+
+        if self.app is not None:
+            await self.app(scope, receive, send_closing_pool)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send_closing_pool({"type": "lifespan.shutdown.complete"})
+                return
 
     def _match(self, path: str) -> tuple[Route | None, str | None]:
         """``(route, path relative to mount)`` for a proxied path; ``(None, None)`` to fall through.
@@ -199,7 +222,9 @@ class ProxyMiddleware:
             status = await self._forward(scope, receive, send, route, info)
         except ProxyError as exc:
             status = exc.status
-            await _send_error(send, exc.status, exc.error, exc.detail, request_id or new_request_id())
+            if not request_id:
+                request_id = client_request_id(scope["headers"]) or new_request_id()
+            await _send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
         finally:
             _log_access(request_id, scope, route.plugin, status, started)
 
@@ -262,7 +287,8 @@ class ProxyMiddleware:
                 if limit is not None and received > limit:
                     raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
                 if chunked:
-                    conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n0\r\n\r\n" if not more else b"\r\n"])
+                    last = b"\r\n" if more else b"\r\n0\r\n\r\n"
+                    conn.writelines([b"%x\r\n" % len(chunk), chunk, last] if chunk else [last[2:]])
                 elif chunk:
                     conn.write(chunk)
                 await conn.drain()
@@ -369,8 +395,12 @@ def _error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawH
     return body, headers
 
 
-async def _send_error(send: Send, status: int, error: str, detail: str, request_id: bytes) -> None:
+async def _send_error(
+    send: Send, status: int, error: str, detail: str, request_id: bytes, *, close: bool = False
+) -> None:
     body, headers = _error_body(error, detail, request_id)
+    if close:
+        headers.append((b"connection", b"close"))
     message: Message = {"type": "http.response.start", "status": status, "headers": headers}
     await send(message)
     await send({"type": "http.response.body", "body": body})

@@ -48,6 +48,8 @@ class ProxyError(MintProxyError):
 
     status: int = 502
     error: str = "bad_gateway"
+    #: Answer with ``Connection: close``: the rest of the request body is not worth reading.
+    close_connection: bool = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -66,6 +68,7 @@ class RequestTimeout(ProxyError):
 
     status = 408
     error = "request_timeout"
+    close_connection = True
 
 
 class PayloadTooLarge(ProxyError):
@@ -73,6 +76,7 @@ class PayloadTooLarge(ProxyError):
 
     status = 413
     error = "payload_too_large"
+    close_connection = True
 
 
 class HeadersTooLarge(ProxyError):

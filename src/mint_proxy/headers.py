@@ -64,11 +64,21 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # RFC 9110 §5.5: a field value never carries CR, LF or NUL.
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_ABSOLUTE_URL = re.compile(rb"(?i)(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?(?=[/?#]|$)")
 
 
 def new_request_id() -> bytes:
     """128 random bits as 32 lowercase hex characters."""
     return os.urandom(16).hex().encode("ascii")
+
+
+def client_request_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The client's ``X-Request-Id`` if it is acceptable (rule 8), else ``None``.
+
+    Used on the error path, where ``inspect_request`` raised before returning it.
+    """
+    values = [value for name, value in raw if name == REQUEST_ID_HEADER]
+    return values[0] if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]) else None
 
 
 def _canonical(name: bytes) -> bytes:
@@ -118,7 +128,7 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
                 continue
         if name == b"host":
             hosts.append(value)
-        elif name == b"via" and via_marker in value:
+        elif name == b"via" and via_marker in value and _via_names(value, via_marker):
             raise LoopDetected("the request already passed through this proxy (a route points back at it)")
         kept.append((name, value))
 
@@ -145,7 +155,8 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
     if connection_tokens - {b"keep-alive", b"close"}:
         kept = [(n, v) for n, v in kept if n not in connection_tokens]
 
-    request_id = request_ids[0] if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]) else None
+    valid = len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0])
+    request_id = request_ids[0] if valid else None
     return RequestInfo(
         headers=kept,
         request_id=request_id or new_request_id(),
@@ -153,6 +164,15 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
         content_length=content_length,
         chunked=bool(encodings),
     )
+
+
+def _via_names(value: bytes, marker: bytes) -> bool:
+    """Whether ``marker`` is the received-by of any entry in a Via list (not just a substring)."""
+    for entry in value.split(b","):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1] == marker:
+            return True
+    return False
 
 
 def forwarded_headers(
@@ -212,15 +232,29 @@ def rewrite_location(value: bytes, *, route: Route, client_prefix: str) -> bytes
     Like nginx's ``proxy_redirect default``.
     """
     upstream = route.upstream
-    origin = upstream.origin.encode("latin-1")
-    if origin and value[: len(origin)].lower() == origin and value[len(origin) : len(origin) + 1] in (b"", b"/", b"?"):
-        path = value[len(origin) :] or b"/"
+    match = _ABSOLUTE_URL.match(value)
+    if match is not None:
+        scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+        default = b"80" if scheme == b"http" else b"443"
+        same_origin = (
+            scheme == b"http"
+            and not upstream.unix_path
+            and host == upstream.host.encode("latin-1")
+            and int(port or default) == upstream.port
+        )
+        if not same_origin:
+            return value
+        path = value[match.end() :]
+        if not path.startswith(b"/"):
+            path = b"/" + path  # "http://host?q" means the root with a query
     elif value.startswith(b"/") and not value.startswith(b"//") and (client_prefix or upstream.base_path):
         path = value
     else:
         return value
     base = upstream.base_path.encode("latin-1")
-    if base and (path == base or path.startswith(base + b"/") or path.startswith(base + b"?")):
+    if base:
+        if not (path == base or path.startswith(base + b"/") or path.startswith(base + b"?")):
+            return value  # outside the base path: not something the client can reach through us
         path = path[len(base) :]
         if not path.startswith(b"/"):
             path = b"/" + path

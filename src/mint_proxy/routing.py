@@ -19,7 +19,7 @@ DEFAULT_READ_TIMEOUT = 300.0
 _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
 _HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 _BASE_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
-_PLUGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_PLUGIN = re.compile(r"[!-~]+")  # printable ASCII, no spaces: it becomes the token's `sub`
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,8 @@ class Upstream:
             raise ValueError(f"upstream URL {url!r} has an invalid base path")
         host, port = authority, 80
         if authority.startswith("["):
+            if "]" not in authority:
+                raise ValueError(f"upstream URL {url!r} has an invalid host (unclosed '[')")
             host, _, after = authority.partition("]")
             host += "]"
             if after:
@@ -78,8 +80,11 @@ class Upstream:
         return f"unix:{self.unix_path}" if self.unix_path else self.origin + self.base_path
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def _parse_port(url: str, text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not _PORT.fullmatch(text) or not 0 < int(text) < 65536:
         raise ValueError(f"upstream URL {url!r} has an invalid port {text!r}")
     return int(text)
 
@@ -124,7 +129,7 @@ class Route:
         object.__setattr__(self, "upstream", Upstream.parse(self.url))
         plugin = self.plugin or self.prefix[1:]
         if not isinstance(plugin, str) or not _PLUGIN.fullmatch(plugin):
-            raise ValueError(f"plugin {plugin!r} must be a slug of letters, digits and -._/")
+            raise ValueError(f"plugin {plugin!r} must be a non-empty slug of printable ASCII without spaces")
         object.__setattr__(self, "plugin", plugin)
         if not isinstance(self.strip_prefix, bool):
             raise TypeError("strip_prefix must be a bool")

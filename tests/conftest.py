@@ -1,0 +1,88 @@
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
+
+from .backends import Plugin
+from .utils import SECRET, Running, serve
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """Tests pass configuration explicitly; no MINT_* variable leaks in or out."""
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("MINT_"):
+            del os.environ[name]
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def http(request: pytest.FixtureRequest) -> str:
+    """The proxy's uvicorn HTTP parser: the two accept different malformed input."""
+    param: str = request.param
+    return param
+
+
+@dataclass
+class PluginServer:
+    app: Plugin
+    url: str
+    port: int
+    uds: str = ""
+
+
+@pytest.fixture
+def plugin() -> Iterator[PluginServer]:
+    app = Plugin()
+    with serve(app) as running:
+        yield PluginServer(app, running.url, running.port)
+
+
+@pytest.fixture
+def plugin2() -> Iterator[PluginServer]:
+    app = Plugin()
+    with serve(app) as running:
+        yield PluginServer(app, running.url, running.port)
+
+
+@dataclass
+class ProxyServer:
+    url: str
+    port: int
+    middleware: ProxyMiddleware
+    routes: RouteTable
+
+
+StartProxy = Callable[..., ProxyServer]
+
+
+@pytest.fixture
+def start_proxy(http: str) -> Iterator[StartProxy]:
+    """Start ``ProxyMiddleware`` under a real uvicorn (both parsers, via ``http``)."""
+    with contextlib.ExitStack() as stack:
+
+        def start(routes: Any, *, app: Any = None, trust_forwarded: bool = False, **options: Any) -> ProxyServer:
+            options.setdefault("tokens", TokenIssuer(SECRET))
+            options.setdefault("retry_window", 0.2)
+            table = routes if isinstance(routes, RouteTable) else RouteTable(routes)
+            middleware = ProxyMiddleware(app, routes=table, **options)
+            # uvicorn trusts X-Forwarded-* from 127.0.0.1 by default; tests say when they want that.
+            running: Running = stack.enter_context(
+                serve(middleware, http=http, proxy_headers=trust_forwarded, lifespan="auto")
+            )
+            return ProxyServer(running.url, running.port, middleware, table)
+
+        yield start

@@ -1,0 +1,789 @@
+"""Strict HTTP/1.1 response parsing, and the upstream ``Connection`` protocol driven without sockets.
+
+The ``Connection`` tests feed bytes through ``data_received`` exactly as asyncio would, split every
+way the network might split them, into a fake transport that only records what the protocol asks of it.
+"""
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from mint_proxy._http11 import (
+    CHUNKED,
+    LENGTH,
+    MAX_CHUNK_LINE,
+    MAX_HEAD_BYTES,
+    NO_BODY,
+    UNTIL_CLOSE,
+    ResponseHead,
+    parse_chunk_size,
+    parse_response_head,
+)
+from mint_proxy._upstream import HIGH_WATER, LOW_WATER, MAX_TRAILER_BYTES, Connection, UpstreamPool
+from mint_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from mint_proxy.routing import Upstream
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def parse(block: bytes, *, head_request: bool = False) -> ResponseHead:
+    return parse_response_head(block, head_request=head_request)
+
+
+# --- parse_response_head: status line ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        pytest.param(b"HTTP/1.1 200 OK", 200, id="with-reason"),
+        pytest.param(b"HTTP/1.1 200", 200, id="without-reason"),
+        pytest.param(b"HTTP/1.1 200 ", 200, id="empty-reason"),
+        pytest.param(b"HTTP/1.1 404 Not Found", 404, id="reason-with-spaces"),
+        pytest.param(b"HTTP/1.1 418 I'm a\tteapot", 418, id="reason-with-tab"),
+        pytest.param(b"HTTP/1.1 200 D\xc3\xa9j\xc3\xa0", 200, id="reason-obs-text"),
+        pytest.param(b"HTTP/1.1 100 Continue", 100, id="lowest"),
+        pytest.param(b"HTTP/1.1 999 Custom", 999, id="highest"),
+        pytest.param(b"HTTP/1.0 200 OK", 200, id="http-1.0"),
+    ],
+)
+def test_valid_status_line_is_parsed(line: bytes, status: int) -> None:
+    assert parse(line).status == status
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # versions other than HTTP/1.0 and HTTP/1.1
+        pytest.param(b"HTTP/2 200 OK", id="http-2"),
+        pytest.param(b"HTTP/2.0 200 OK", id="http-2.0"),
+        pytest.param(b"HTTP/1.2 200 OK", id="http-1.2"),
+        pytest.param(b"HTTP/1 200 OK", id="http-1"),
+        pytest.param(b"http/1.1 200 OK", id="lowercase-http"),
+        pytest.param(b"ICY 200 OK", id="icy"),
+        # status codes that are not three digits from 100 to 999
+        pytest.param(b"HTTP/1.1 2000 OK", id="four-digits"),
+        pytest.param(b"HTTP/1.1 099 OK", id="leading-zero"),
+        pytest.param(b"HTTP/1.1 20 OK", id="two-digits"),
+        pytest.param(b"HTTP/1.1 OK", id="missing-code"),
+        pytest.param(b"HTTP/1.1", id="version-only"),
+        pytest.param(b"HTTP/1.1 2x0 OK", id="letter-in-code"),
+        # spacing and characters
+        pytest.param(b"HTTP/1.1  200 OK", id="two-spaces"),
+        pytest.param(b" HTTP/1.1 200 OK", id="leading-space"),
+        pytest.param(b"HTTP/1.1\t200 OK", id="tab-separator"),
+        pytest.param(b"HTTP/1.1 200 O\x00K", id="nul-in-reason"),
+        pytest.param(b"HTTP/1.1 200 O\rK", id="cr-in-reason"),
+        pytest.param(b"HTTP/1.1 200 O\nK", id="lf-in-reason"),
+        # not a status line at all
+        pytest.param(b"", id="empty"),
+        pytest.param(b"garbage", id="garbage"),
+        pytest.param(b"<html>", id="html"),
+    ],
+)
+def test_invalid_status_line_is_an_error(line: bytes) -> None:
+    with pytest.raises(ValueError, match="status line"):
+        parse(line)
+
+
+# --- parse_response_head: header lines ---------------------------------------------------------
+
+
+def test_header_names_are_lowercased_and_order_and_repeats_kept() -> None:
+    head = parse(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nContent-Type: text/plain\r\nSET-COOKIE: b=2\r\nContent-Length: 0"
+    )
+
+    assert head.headers == [
+        (b"set-cookie", b"a=1"),
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"b=2"),
+        (b"content-length", b"0"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "header"),
+    [
+        pytest.param(b"X-A: 1", (b"x-a", b"1"), id="plain"),
+        pytest.param(b"X-A:1", (b"x-a", b"1"), id="no-space"),
+        pytest.param(b"X-A: \t 1 \t ", (b"x-a", b"1"), id="whitespace-trimmed"),
+        pytest.param(b"X-A: a  b\tc", (b"x-a", b"a  b\tc"), id="inner-whitespace-kept"),
+        pytest.param(b"X-A:", (b"x-a", b""), id="empty-value"),
+        pytest.param(b"X-A:   ", (b"x-a", b""), id="blank-value"),
+        pytest.param(b"X-A: caf\xc3\xa9", (b"x-a", b"caf\xc3\xa9"), id="obs-text"),
+        pytest.param(b"!#$%&'*+.^_`|~09az: 1", (b"!#$%&'*+.^_`|~09az", b"1"), id="every-token-char"),
+    ],
+)
+def test_valid_header_line_is_parsed(line: bytes, header: tuple[bytes, bytes]) -> None:
+    assert parse(b"HTTP/1.1 204 No Content\r\n" + line).headers == [header]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # obs-fold (RFC 9112 §5.2)
+        pytest.param(b"X-A: 1\r\n 2", id="obs-fold-space"),
+        pytest.param(b"X-A: 1\r\n\t2", id="obs-fold-tab"),
+        # bare CR, bare LF, NUL, DEL
+        pytest.param(b"X-A: 1\nX-B: 2", id="bare-lf-line-end"),
+        pytest.param(b"X-A: 1\rX-B: 2", id="bare-cr-line-end"),
+        pytest.param(b"X-A: a\nb", id="lf-in-value"),
+        pytest.param(b"X-A: a\rb", id="cr-in-value"),
+        pytest.param(b"X-A: a\x00b", id="nul-in-value"),
+        pytest.param(b"X-A: a\x7fb", id="del-in-value"),
+        pytest.param(b"X-A: a\x01b", id="control-in-value"),
+        # names
+        pytest.param(b": 1", id="empty-name"),
+        pytest.param(b"X-A : 1", id="space-before-colon"),
+        pytest.param(b"X-A\t: 1", id="tab-before-colon"),
+        pytest.param(b" X-A: 1", id="leading-space"),
+        pytest.param(b"X A: 1", id="space-in-name"),
+        pytest.param(b"X(A): 1", id="paren-in-name"),
+        pytest.param(b"X/A: 1", id="slash-in-name"),
+        pytest.param(b"X@A: 1", id="at-in-name"),
+        pytest.param(b'X"A: 1', id="quote-in-name"),
+        pytest.param(b"X\xe9: 1", id="non-ascii-name"),
+        pytest.param(b"X-A", id="no-colon"),
+        # an empty line inside the head
+        pytest.param(b"X-A: 1\r\n\r\nX-B: 2", id="empty-line"),
+    ],
+)
+def test_invalid_header_line_is_an_error(lines: bytes) -> None:
+    with pytest.raises(ValueError, match="header line"):
+        parse(b"HTTP/1.1 200 OK\r\n" + lines)
+
+
+# --- parse_response_head: framing --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block", "head_request", "framing", "content_length"),
+    [
+        # Content-Length
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3", False, LENGTH, 3, id="cl"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0", False, LENGTH, 0, id="cl-0"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3", False, LENGTH, 3, id="cl-identical-list"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3", False, LENGTH, 3, id="cl-identical-headers"
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 007", False, LENGTH, 7, id="cl-leading-zeros"),
+        # chunked, any case
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", False, CHUNKED, None, id="te-chunked"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked", False, CHUNKED, None, id="te-capitalised"),
+        # neither: the body ends when the plugin closes
+        pytest.param(b"HTTP/1.1 200 OK", False, UNTIL_CLOSE, None, id="neither"),
+        pytest.param(b"HTTP/1.0 200 OK", False, UNTIL_CLOSE, None, id="neither-http-1.0"),
+        # no body: HEAD keeps the length it announces, the bodiless statuses do not
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10", True, NO_BODY, 10, id="head-cl"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", True, NO_BODY, None, id="head-te"),
+        pytest.param(b"HTTP/1.1 200 OK", True, NO_BODY, None, id="head-neither"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\nContent-Length: 10", False, NO_BODY, None, id="204-cl"),
+        pytest.param(b"HTTP/1.1 204 No Content", False, NO_BODY, None, id="204"),
+        pytest.param(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10", False, NO_BODY, None, id="304-cl"),
+        pytest.param(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked", False, NO_BODY, None, id="304-te"),
+        pytest.param(b"HTTP/1.1 100 Continue", False, NO_BODY, None, id="100"),
+        pytest.param(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload", False, NO_BODY, None, id="103"),
+        pytest.param(b"HTTP/1.1 205 Reset Content\r\nContent-Length: 0", False, LENGTH, 0, id="205-has-framing"),
+    ],
+)
+def test_response_framing_follows_rfc_9112(
+    block: bytes, head_request: bool, framing: int, content_length: int | None
+) -> None:
+    head = parse(block, head_request=head_request)
+
+    assert (head.framing, head.content_length) == (framing, content_length)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # both Content-Length and Transfer-Encoding
+        pytest.param(b"Content-Length: 3\r\nTransfer-Encoding: chunked", id="cl-and-te"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 3", id="te-and-cl"),
+        # Content-Length that is not one plain decimal number
+        pytest.param(b"Content-Length: +3", id="cl-plus-sign"),
+        pytest.param(b"Content-Length: 0x3", id="cl-hex"),
+        pytest.param(b"Content-Length: -1", id="cl-negative"),
+        pytest.param(b"Content-Length:", id="cl-empty"),
+        pytest.param(b"Content-Length: 3 3", id="cl-space-separated"),
+        pytest.param(b"Content-Length: 3, 4", id="cl-list-different"),
+        pytest.param(b"Content-Length: 3, abc", id="cl-list-mixed"),
+        pytest.param(b"Content-Length: 3,", id="cl-list-trailing-comma"),
+        pytest.param(b"Content-Length: 3\r\nContent-Length: 4", id="cl-headers-different"),
+        pytest.param(b"Content-Length: 1111111111111111111", id="cl-19-digits"),
+        # Transfer-Encoding other than exactly one 'chunked'
+        pytest.param(b"Transfer-Encoding: gzip, chunked", id="te-gzip-chunked"),
+        pytest.param(b"Transfer-Encoding: chunked, chunked", id="te-chunked-twice"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", id="te-two-headers"),
+        pytest.param(b"Transfer-Encoding: identity", id="te-identity"),
+        pytest.param(b"Transfer-Encoding: gzip", id="te-gzip"),
+    ],
+)
+def test_ambiguous_response_framing_is_an_error(fields: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse(b"HTTP/1.1 200 OK\r\n" + fields)
+
+
+@pytest.mark.parametrize(
+    ("block", "keep_alive"),
+    [
+        # HTTP/1.1 persists unless told to close
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0", True, id="1.1-default"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive", True, id="1.1-keep-alive"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: upgrade", True, id="1.1-other-token"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close", False, id="1.1-close"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: Close", False, id="1.1-close-any-case"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: x, close", False, id="1.1-close-in-list"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: x\r\nConnection: close",
+            False,
+            id="1.1-close-in-second-header",
+        ),
+        pytest.param(b"HTTP/1.1 200 OK", False, id="1.1-until-close"),
+        # HTTP/1.0 closes unless told to keep alive
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 0", False, id="1.0-default"),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive", True, id="1.0-keep-alive"),
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: Keep-Alive", True, id="1.0-any-case"),
+        pytest.param(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive, close", False, id="1.0-close-wins"
+        ),
+    ],
+)
+def test_keep_alive_follows_version_and_connection_header(block: bytes, keep_alive: bool) -> None:
+    assert parse(block).keep_alive is keep_alive
+
+
+def test_transfer_encoding_on_http_1_0_response_closes_the_connection() -> None:
+    head = parse(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive")
+
+    assert head.keep_alive is False
+
+
+# --- parse_chunk_size --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "size"),
+    [
+        # hex, any case, leading zeros
+        pytest.param(b"0", 0, id="zero"),
+        pytest.param(b"a", 10, id="lower-hex"),
+        pytest.param(b"A", 10, id="upper-hex"),
+        pytest.param(b"1f", 31, id="two-digits"),
+        pytest.param(b"0000000000000010", 16, id="16-digits-leading-zeros"),
+        pytest.param(b"f" * 16, 2**64 - 1, id="16-digits-max"),
+        # extensions are ignored
+        pytest.param(b"5;a=b", 5, id="extension"),
+        pytest.param(b'5;a="b c";d', 5, id="extensions-quoted"),
+        pytest.param(b"5 ;a=b", 5, id="space-before-semicolon"),
+        pytest.param(b"5\t;a=b", 5, id="tab-before-semicolon"),
+        pytest.param(b"5 ", 5, id="trailing-space"),
+    ],
+)
+def test_valid_chunk_size_is_parsed(line: bytes, size: int) -> None:
+    assert parse_chunk_size(line) == size
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"1" * 17, id="17-digits"),
+        pytest.param(b"-1", id="negative"),
+        pytest.param(b"+1", id="plus-sign"),
+        pytest.param(b"0x10", id="0x-prefix"),
+        pytest.param(b"g", id="not-hex"),
+        pytest.param(b" 5", id="leading-space"),
+        pytest.param(b"5 5", id="two-numbers"),
+        pytest.param(b";a=b", id="extension-only"),
+        pytest.param(b"5\r", id="cr"),
+        pytest.param(b"5;a\nb", id="lf-in-extension"),
+    ],
+)
+def test_invalid_chunk_size_is_an_error(line: bytes) -> None:
+    with pytest.raises(ValueError, match="chunk size"):
+        parse_chunk_size(line)
+
+
+# --- Connection, driven without sockets --------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the protocol asks of its transport; delivers nothing by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.aborted = False
+        self.pauses = 0
+        self.resumes = 0
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, list_of_data: Iterable[Any]) -> None:
+        self.writes.extend(bytes(data) for data in list_of_data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.resumes += 1
+
+
+def open_connection(*, head_request: bool = False) -> tuple[Connection, FakeTransport]:
+    """A connection that has just sent a request and awaits the response."""
+    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    conn.begin(head_request=head_request)
+    return conn, transport
+
+
+def feed(conn: Connection, transport: FakeTransport, data: bytes, split: int) -> None:
+    """Deliver ``data`` in pieces of ``split`` bytes (0: all at once), stopping once aborted as asyncio does."""
+    size = split or len(data) or 1
+    for start in range(0, len(data), size):
+        if transport.aborted:
+            return
+        conn.data_received(data[start : start + size])
+
+
+async def read_all(conn: Connection) -> bytes:
+    chunks = []
+    more = True
+    while more:
+        chunk, more = await conn.read_body(1)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# Every test below runs with the bytes split every way the network might split them.
+by_split = pytest.mark.parametrize("split", [1, 2, 3, 7, 0], ids=["1", "2", "3", "7", "whole"])
+
+CL_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world"
+CHUNKED_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;name=value\r\nhello\r\n"
+    b"6 ; x\r\n world\r\n"
+    b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+)
+
+
+@pytest.mark.anyio
+@by_split
+async def test_content_length_body_is_read(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, CL_RESPONSE, split)
+    head = await conn.read_head(1)
+
+    assert (head.status, head.framing, head.content_length) == (200, LENGTH, 11)
+    assert head.headers == [(b"content-length", b"11"), (b"content-type", b"text/plain")]
+    assert await read_all(conn) == b"hello world"
+
+
+@pytest.mark.anyio
+@by_split
+async def test_chunked_body_is_read_without_extensions_or_trailers(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, CHUNKED_RESPONSE, split)
+    head = await conn.read_head(1)
+
+    assert head.framing == CHUNKED
+    assert head.headers == [(b"transfer-encoding", b"chunked")]
+    assert await read_all(conn) == b"hello world"
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="cl-0"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", id="chunked-0"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", id="204"),
+    ],
+)
+async def test_empty_body_is_read_as_one_empty_last_piece(response: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, response, split)
+    await conn.read_head(1)
+
+    assert await conn.read_body(1) == (b"", False)
+
+
+@pytest.mark.anyio
+@by_split
+async def test_head_response_has_no_body_but_keeps_its_length(split: int) -> None:
+    conn, transport = open_connection(head_request=True)
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", split)
+    head = await conn.read_head(1)
+
+    assert (head.framing, head.content_length) == (NO_BODY, 10)
+    assert await conn.read_body(1) == (b"", False)
+
+
+@pytest.mark.anyio
+@by_split
+async def test_interim_responses_are_skipped(split: int) -> None:
+    conn, transport = open_connection()
+    response = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+    feed(conn, transport, response, split)
+    head = await conn.read_head(1)
+
+    assert head.status == 200
+    assert await read_all(conn) == b"ok"
+
+
+@pytest.mark.anyio
+@by_split
+async def test_unrequested_switching_protocols_is_a_protocol_error(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nraw", split)
+
+    with pytest.raises(UpstreamProtocolError, match="switched protocols"):
+        await conn.read_head(1)
+    assert transport.aborted
+
+
+@pytest.mark.anyio
+@by_split
+async def test_invalid_response_head_is_a_protocol_error(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 0\r\n\r\n", split)
+
+    with pytest.raises(UpstreamProtocolError, match="invalid response"):
+        await conn.read_head(1)
+    assert transport.aborted
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\nhello\r\n0\r\n\r\n", id="size-not-hex"),
+        pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", id="size-0x"),
+        pytest.param(b"\r\nhello\r\n0\r\n\r\n", id="size-empty"),
+        pytest.param(b"5\r\nhelloXX0\r\n\r\n", id="no-crlf-after-data"),
+        pytest.param(b"5\r\nhello\n0\r\n\r\n", id="lf-after-data"),
+        pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="data-longer-than-size"),
+        pytest.param(b"5\nhello\r\n0\r\n\r\n", id="bare-lf-after-size"),
+    ],
+)
+async def test_invalid_chunk_framing_is_a_protocol_error_and_aborts(body: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
+    await conn.read_head(1)
+
+    with pytest.raises(UpstreamProtocolError, match="chunked"):
+        await read_all(conn)
+    assert transport.aborted
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+@by_split
+async def test_trailers_over_the_limit_are_a_protocol_error(split: int) -> None:
+    conn, transport = open_connection()
+    trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 500) for i in range(MAX_TRAILER_BYTES // 500 + 1))
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n", split)
+    await conn.read_head(1)
+
+    with pytest.raises(UpstreamProtocolError, match="trailer"):
+        await read_all(conn)
+
+
+@pytest.mark.anyio
+async def test_trailer_limit_applies_to_each_exchange() -> None:
+    conn, transport = open_connection()
+    trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 500) for i in range(MAX_TRAILER_BYTES // 500 // 2 + 1))
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + b"\r\n"
+
+    for _ in range(3):  # three exchanges on one kept-alive connection, each within the limit on its own
+        conn.begin(head_request=False)
+        feed(conn, transport, response, 0)
+        await conn.read_head(1)
+        assert await read_all(conn) == b"ok"
+        conn.request_complete = True
+        assert conn.reusable
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "split",
+    [
+        1,
+        7,
+        pytest.param(
+            0,
+        ),
+    ],
+    ids=["1", "7", "whole"],
+)
+async def test_chunk_line_over_the_limit_is_a_protocol_error_however_it_arrives(split: int) -> None:
+    conn, transport = open_connection()
+    body = b"2;" + b"e" * 2 * MAX_CHUNK_LINE + b"\r\nok\r\n0\r\n\r\n"
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
+    await conn.read_head(1)
+
+    with pytest.raises(UpstreamProtocolError, match="chunked"):
+        await read_all(conn)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "split",
+    [
+        4096,
+        pytest.param(
+            0,
+        ),
+    ],
+    ids=["4096", "whole"],
+)
+async def test_head_over_the_limit_is_a_protocol_error_however_it_arrives(split: int) -> None:
+    conn, transport = open_connection()
+    response = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2 * MAX_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n"
+
+    feed(conn, transport, response, split)
+
+    with pytest.raises(UpstreamProtocolError, match="too large"):
+        await conn.read_head(1)
+
+
+# --- Connection: reuse -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize("response", [CL_RESPONSE, CHUNKED_RESPONSE], ids=["cl", "chunked"])
+async def test_clean_complete_exchange_is_reusable(response: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, response, split)
+    await conn.read_head(1)
+    await read_all(conn)
+    conn.request_complete = True
+
+    assert conn.reusable
+    assert not transport.aborted
+
+
+@pytest.mark.anyio
+async def test_exchange_is_not_reusable_until_the_request_is_complete() -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, CL_RESPONSE, 0)
+    await conn.read_head(1)
+    await read_all(conn)
+
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+async def test_exchange_is_not_reusable_while_body_is_unread() -> None:
+    conn, transport = open_connection()
+    conn.request_complete = True
+
+    feed(conn, transport, CL_RESPONSE, 0)
+    await conn.read_head(1)
+
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize(
+    ("response", "body"),
+    [
+        pytest.param(CL_RESPONSE + b"junk", b"hello world", id="after-cl-body"),
+        pytest.param(CHUNKED_RESPONSE + b"junk", b"hello world", id="after-chunked-body"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\njunk", b"", id="after-204"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\njunk", b"", id="after-cl-0"),
+    ],
+)
+async def test_extra_bytes_after_a_complete_body_are_not_reusable(response: bytes, body: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, response, split)
+    await conn.read_head(1)
+    assert await read_all(conn) == body
+    conn.request_complete = True
+
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+@by_split
+async def test_connection_close_response_is_not_reusable(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", split)
+    await conn.read_head(1)
+    assert await read_all(conn) == b"ok"
+    conn.request_complete = True
+
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+async def test_bytes_when_no_response_is_due_abort_the_connection() -> None:
+    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
+    transport = FakeTransport()
+    conn.connection_made(transport)
+
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\n")
+
+    assert transport.aborted
+    assert conn.closed
+
+
+# --- Connection: the plugin closing ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"],
+    ids=["http-1.1", "http-1.0"],
+)
+async def test_until_close_body_ends_when_the_plugin_closes(head: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, head + b"all of the body", split)
+    assert (await conn.read_head(1)).framing == UNTIL_CLOSE
+    conn.connection_lost(None)
+
+    assert await read_all(conn) == b"all of the body"
+    assert not conn.reusable
+
+
+@pytest.mark.anyio
+async def test_close_before_any_byte_is_unavailable_with_nothing_received() -> None:
+    conn, _ = open_connection()
+
+    conn.connection_lost(None)
+
+    with pytest.raises(UpstreamUnavailable, match="before responding"):
+        await conn.read_head(1)
+    assert conn.received_any is False
+
+
+@pytest.mark.anyio
+@by_split
+async def test_close_in_the_middle_of_the_head_is_unavailable_with_bytes_received(split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Len", split)
+    conn.connection_lost(None)
+
+    with pytest.raises(UpstreamUnavailable, match="before responding"):
+        await conn.read_head(1)
+    assert conn.received_any is True
+
+
+@pytest.mark.anyio
+@by_split
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", id="cl"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", id="chunked"),
+    ],
+)
+async def test_close_in_the_middle_of_a_framed_body_is_unavailable(response: bytes, split: int) -> None:
+    conn, transport = open_connection()
+
+    feed(conn, transport, response, split)
+    await conn.read_head(1)
+    conn.connection_lost(None)
+
+    with pytest.raises(UpstreamUnavailable, match="middle of its response"):
+        await read_all(conn)
+
+
+# --- Connection: flow control and timeouts -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_reading_pauses_once_more_than_high_water_is_buffered() -> None:
+    conn, transport = open_connection()
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
+    await conn.read_head(1)
+
+    conn.data_received(b"x" * HIGH_WATER)
+    assert transport.pauses == 0
+    conn.data_received(b"x")
+    assert transport.pauses == 1
+    conn.data_received(b"x")
+    assert transport.pauses == 1
+
+
+@pytest.mark.anyio
+async def test_reading_resumes_once_drained_below_low_water() -> None:
+    conn, transport = open_connection()
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
+    await conn.read_head(1)
+    conn.data_received(b"x" * (HIGH_WATER + 1))
+    assert (transport.pauses, transport.resumes) == (1, 0)
+
+    chunk, more = await conn.read_body(1)
+
+    assert (len(chunk), more) == (HIGH_WATER + 1, True)
+    assert (transport.pauses, transport.resumes) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_reading_is_not_resumed_when_it_was_never_paused() -> None:
+    conn, transport = open_connection()
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * LOW_WATER), 0)
+    await conn.read_head(1)
+    conn.data_received(b"x" * LOW_WATER)
+
+    await conn.read_body(1)
+
+    assert (transport.pauses, transport.resumes) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_silent_plugin_before_the_head_is_a_timeout() -> None:
+    conn, _ = open_connection()
+
+    with pytest.raises(UpstreamTimeout):
+        await conn.read_head(0.01)
+
+
+@pytest.mark.anyio
+async def test_silent_plugin_in_the_middle_of_the_body_is_a_timeout() -> None:
+    conn, transport = open_connection()
+    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0)
+    await conn.read_head(1)
+    assert await conn.read_body(1) == (b"hello", True)
+
+    with pytest.raises(UpstreamTimeout):
+        await conn.read_body(0.01)

@@ -1,0 +1,718 @@
+"""End-to-end: the proxy under a real uvicorn (h11 and httptools) in front of real plugin servers.
+
+Numbers in test docstrings refer to the behaviours of issue #2.
+"""
+
+import asyncio
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from mint_proxy import Route, RouteTable, verify_internal_token
+
+from .backends import GZIPPED, Plugin, header_values
+from .conftest import PluginServer, StartProxy
+from .utils import SECRET, RawBackend, free_port, raw_request, serve, status_of
+
+pytestmark = pytest.mark.anyio
+
+
+async def get(url: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(url, **kwargs)
+
+
+def seen_json(response: httpx.Response) -> dict[str, Any]:
+    data: dict[str, Any] = response.json()
+    return data
+
+
+async def fallback_app(scope: Any, receive: Any, send: Any) -> None:
+    body = json.dumps({"platform": scope["path"]}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- routing (1-4) -----------------------------------------------------------
+
+
+async def test_prefix_matches_only_at_segment_boundaries(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """2."""
+    proxy = start_proxy({"/peak-picking": plugin.url}, app=fallback_app)
+    for path in ("/peak-picking", "/peak-picking/", "/peak-picking/x/y"):
+        response = await get(proxy.url + path)
+        assert response.json()["raw_path"] == path
+    response = await get(proxy.url + "/peak-pickingX")
+    assert response.json() == {"platform": "/peak-pickingX"}
+    assert len(plugin.app.seen) == 3
+
+
+async def test_longest_prefix_wins(start_proxy: StartProxy, plugin: PluginServer, plugin2: PluginServer) -> None:
+    """2."""
+    proxy = start_proxy({"/a": plugin.url, "/a/b": plugin2.url})
+    await get(proxy.url + "/a/b/c")
+    await get(proxy.url + "/a/bc")
+    assert [r["raw_path"] for r in plugin2.app.seen] == ["/a/b/c"]
+    assert [r["raw_path"] for r in plugin.app.seen] == ["/a/bc"]
+
+
+async def test_unmatched_paths_fall_through_to_the_app_untouched(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    proxy = start_proxy({"/peak": plugin.url}, app=fallback_app)
+    response = await get(proxy.url + "/api/other/../thing")
+    assert response.json() == {"platform": "/api/thing"}  # httpx normalised it; the proxy did not touch it
+    assert plugin.app.seen == []
+
+
+async def test_unmatched_path_without_app_is_a_json_404(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    proxy = start_proxy({"/peak": plugin.url})
+    response = await get(proxy.url + "/nope")
+    assert response.status_code == 404
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+
+
+async def test_matching_is_relative_to_mount_path(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """2, 4: the plugin receives the full path, mount path included."""
+    proxy = start_proxy({"/peak": plugin.url}, app=fallback_app, mount_path="/api")
+    response = await get(proxy.url + "/api/peak/run?x=1")
+    assert response.json()["raw_path"] == "/api/peak/run"
+    assert (await get(proxy.url + "/peak/run")).json() == {"platform": "/peak/run"}
+    assert (await get(proxy.url + "/apix/peak")).json() == {"platform": "/apix/peak"}
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/peak/../admin",
+        b"/peak/./x",
+        b"/peak/%2e%2e/admin",
+        b"/peak/%2E%2E/admin",
+        b"/peak/.%2e/admin",
+        b"/peak/x/..",
+        b"/other/../peak/x",  # resolves into a route
+        b"/peak/%2e/x",
+    ],
+)
+def test_dot_segments_are_refused_and_never_forwarded(
+    start_proxy: StartProxy, plugin: PluginServer, target: bytes
+) -> None:
+    """3."""
+    proxy = start_proxy({"/peak": plugin.url}, app=fallback_app)
+    response = raw_request(proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 400
+    body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "bad_request" and re.fullmatch("[0-9a-f]{32}", body["request_id"])
+    assert plugin.app.seen == []
+
+
+def test_double_encoded_dots_are_not_decoded_twice(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """3: %252e%252e is the literal text %2e%2e to the plugin, forwarded as sent."""
+    proxy = start_proxy({"/peak": plugin.url})
+    response = raw_request(proxy.port, b"GET /peak/%252e%252e/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert plugin.app.seen[0]["raw_path"] == "/peak/%252e%252e/x"
+
+
+def test_raw_path_and_query_reach_the_plugin_byte_for_byte(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """4."""
+    proxy = start_proxy({"/peak": plugin.url})
+    target = b"/peak/a%2Fb/c%20d/%7Euser?x=%41&y=&z=a+b"
+    response = raw_request(proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    seen = plugin.app.seen[0]
+    assert seen["raw_path"] == "/peak/a%2Fb/c%20d/%7Euser"
+    assert seen["query_string"] == "x=%41&y=&z=a+b"
+
+
+async def test_strip_prefix_and_base_path(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """4, 5: X-Forwarded-Prefix tells the plugin what was stripped."""
+    routes = RouteTable([Route("/peak", plugin.url + "/base", strip_prefix=True)])
+    proxy = start_proxy(routes, mount_path="/api")
+    seen = (await get(proxy.url + "/api/peak/run?x=1")).json()
+    assert seen["raw_path"] == "/base/run" and seen["query_string"] == "x=1"
+    assert header_values(seen, "x-forwarded-prefix") == ["/api/peak"]
+    assert (await get(proxy.url + "/api/peak")).json()["raw_path"] == "/base"
+
+
+def test_strip_prefix_keeps_the_rest_of_the_path_encoded_as_sent(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    routes = RouteTable([Route("/peak", plugin.url, strip_prefix=True)])
+    proxy = start_proxy(routes)
+    response = raw_request(proxy.port, b"GET /pe%61k/x%2Fy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert plugin.app.seen[0]["raw_path"] == "/x%2Fy"
+
+
+async def test_unix_socket_upstream(start_proxy: StartProxy) -> None:
+    """1."""
+    app = Plugin()
+    with serve(app, uds=True) as running:
+        proxy = start_proxy({"/peak": running.url})
+        response = await get(proxy.url + "/peak/x")
+        assert response.status_code == 200 and response.json()["raw_path"] == "/peak/x"
+
+
+async def test_route_table_changes_while_requests_are_in_flight(
+    start_proxy: StartProxy, plugin: PluginServer, plugin2: PluginServer
+) -> None:
+    proxy = start_proxy({"/peak": plugin.url})
+    async with httpx.AsyncClient(timeout=10) as client:
+        slow = asyncio.ensure_future(client.get(proxy.url + "/peak/slow?delay=0.5"))
+        while not plugin.app.seen:
+            await asyncio.sleep(0.01)
+        proxy.routes.set("/peak", plugin2.url)
+        proxy.routes.remove("/peak")
+        assert (await slow).json() == {"slow": True}
+        assert (await client.get(proxy.url + "/peak/x")).status_code == 404
+        proxy.routes.replace({"/peak": plugin2.url})
+        assert (await client.get(proxy.url + "/peak/x")).status_code == 200
+    assert len(plugin2.app.seen) == 1
+
+
+# -- headers to the plugin (5-8) ----------------------------------------------
+
+
+def test_end_to_end_headers_pass_in_order_and_nothing_is_added(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """5: no User-Agent, Accept-Encoding or cookies from an HTTP client library."""
+    proxy = start_proxy({"/peak": plugin.url})
+    request = (
+        b"GET /peak/x HTTP/1.1\r\nHost: platform.example\r\nAuthorization: Bearer user-jwt\r\n"
+        b"X-Custom: 1\r\nCookie: session=abc\r\nX-Custom: 2\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(raw_request(proxy.port, request)) == 200
+    headers = plugin.app.seen[0]["headers"]
+    assert headers[:5] == [
+        ["host", "platform.example"],
+        ["authorization", "Bearer user-jwt"],
+        ["x-custom", "1"],
+        ["cookie", "session=abc"],
+        ["x-custom", "2"],
+    ]
+    names = [n for n, _ in headers]
+    assert "user-agent" not in names and "accept-encoding" not in names and "accept" not in names
+
+
+async def test_cookies_never_carry_over_between_requests(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """5: the upstream client has no cookie jar."""
+    proxy = start_proxy({"/peak": plugin.url})
+    response = await get(proxy.url + "/peak/cookies")
+    assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    seen = (await get(proxy.url + "/peak/echo")).json()
+    assert header_values(seen, "cookie") == []
+
+
+def test_client_forwarding_headers_are_replaced_from_the_scope(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """5."""
+    proxy = start_proxy({"/peak": plugin.url})
+    request = (
+        b"GET /peak/x HTTP/1.1\r\nHost: platform.example:8001\r\nX-Forwarded-For: 6.6.6.6\r\n"
+        b"X-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
+        b"X_Forwarded_For: 6.6.6.6\r\nExpect: 100-continue\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(raw_request(proxy.port, request)) == 200
+    seen = plugin.app.seen[0]
+    assert header_values(seen, "x-forwarded-for") == ["127.0.0.1"]
+    assert header_values(seen, "x-forwarded-proto") == ["http"]
+    assert header_values(seen, "x-forwarded-host") == ["platform.example:8001"]
+    assert header_values(seen, "x-forwarded-prefix") == []
+    for name in ("forwarded", "x-real-ip", "x_forwarded_for", "expect"):
+        assert header_values(seen, name) == []
+    assert [v for v in header_values(seen, "via") if re.fullmatch(r"1\.1 mint-proxy-[0-9a-f]{8}", v)]
+
+
+def test_forwarded_for_follows_the_servers_trust_decision(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """5: with uvicorn --forwarded-allow-ips trusting the sender, the scope (and so XFF) has the real client."""
+    proxy = start_proxy({"/peak": plugin.url}, trust_forwarded=True)
+    request = b"GET /peak/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close\r\n\r\n"
+    assert status_of(raw_request(proxy.port, request)) == 200
+    assert header_values(plugin.app.seen[0], "x-forwarded-for") == ["10.1.2.3"]
+
+
+def test_hop_by_hop_headers_are_removed(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """6: including the headers Connection names, but never the proxy's own."""
+    proxy = start_proxy({"/peak": plugin.url})
+    request = (
+        b"GET /peak/x HTTP/1.1\r\nHost: x\r\nConnection: close, X-Secret, X-Mint-Internal-Token, X-Request-Id, Via\r\n"
+        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+        b"Trailer: X-T\r\nUpgrade: h2c\r\nProxy-Authorization: Basic eDp5\r\nX-Kept: yes\r\n\r\n"
+    )
+    assert status_of(raw_request(proxy.port, request)) == 200
+    seen = plugin.app.seen[0]
+    names = [n for n, _ in seen["headers"]]
+    for name in (
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+    ):
+        assert name not in names
+    assert header_values(seen, "x-kept") == ["yes"]
+    assert len(header_values(seen, "x-mint-internal-token")) == 1
+    assert len(header_values(seen, "x-request-id")) == 1
+    assert len(header_values(seen, "via")) == 1
+
+
+def test_client_internal_token_and_its_aliases_are_replaced(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """7."""
+    proxy = start_proxy({"/peak": plugin.url})
+    request = (
+        b"GET /peak/x HTTP/1.1\r\nHost: x\r\nX-Mint-Internal-Token: forged\r\nX_Mint_Internal_Token: forged\r\n"
+        b"X.Mint.Internal.Token: forged\r\nx-mint-internal-token: forged\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(raw_request(proxy.port, request)) == 200
+    seen = plugin.app.seen[0]
+    names = [n for n, _ in seen["headers"]]
+    assert "x_mint_internal_token" not in names and "x.mint.internal.token" not in names
+    (token,) = header_values(seen, "x-mint-internal-token")
+    assert verify_internal_token(token, SECRET, plugin="peak").plugin == "peak"
+
+
+async def test_each_route_gets_a_token_scoped_to_its_plugin(
+    start_proxy: StartProxy, plugin: PluginServer, plugin2: PluginServer
+) -> None:
+    """7, 9."""
+    routes = RouteTable([Route("/peak", plugin.url), Route("/lcms", plugin2.url, plugin="lcms-sequence")])
+    proxy = start_proxy(routes)
+    await get(proxy.url + "/peak/x")
+    await get(proxy.url + "/lcms/x")
+    (token,) = header_values(plugin2.app.seen[0], "x-mint-internal-token")
+    assert verify_internal_token(token, SECRET, plugin="lcms-sequence").plugin == "lcms-sequence"
+
+
+async def test_plugin_cannot_leak_internal_headers_to_the_client(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """7, 8."""
+    proxy = start_proxy({"/peak": plugin.url})
+    response = await get(proxy.url + "/peak/leak", headers={"X-Request-Id": "client-id-1"})
+    assert "x-mint-internal-token" not in response.headers and "x_mint_internal_token" not in response.headers
+    assert response.headers.get_list("x-request-id") == ["client-id-1"]
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        ([b"abc-123"], True),
+        ([b"a" * 128], True),
+        ([b"A.b_c:d-9"], True),
+        ([], False),
+        ([b"a" * 129], False),
+        ([b"has space"], False),
+        ([b"semi;colon"], False),
+        ([b"\xc3\xa9t\xc3\xa9"], False),
+        ([b"one", b"two"], False),  # several values: replaced by one new id
+    ],
+)
+def test_request_id_kept_when_valid_else_replaced(
+    start_proxy: StartProxy, plugin: PluginServer, sent: list[bytes], kept: bool
+) -> None:
+    """8: exactly one X-Request-Id reaches the plugin, and the response carries the same."""
+    proxy = start_proxy({"/peak": plugin.url})
+    lines = b"".join(b"X-Request-Id: " + value + b"\r\n" for value in sent)
+    response = raw_request(proxy.port, b"GET /peak/x HTTP/1.1\r\nHost: x\r\n" + lines + b"Connection: close\r\n\r\n")
+    assert status_of(response) == 200
+    (seen_id,) = header_values(plugin.app.seen[0], "x-request-id")
+    returned = re.findall(rb"(?i)\r\nx-request-id: ([^\r]*)", response)
+    assert returned == [seen_id.encode("latin-1")]
+    if kept:
+        assert seen_id.encode("latin-1") == sent[0]
+    else:
+        assert re.fullmatch("[0-9a-f]{32}", seen_id)
+
+
+# -- bodies (11-13) ------------------------------------------------------------
+
+
+async def test_request_body_streams_to_the_plugin_chunk_by_chunk(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """11: the second chunk is only produced after the plugin has the first."""
+    proxy = start_proxy({"/peak": plugin.url})
+    got_first = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first-chunk"
+        deadline = time.monotonic() + 5
+        while "chunk 1" not in plugin.app.events and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        got_first.set()
+        yield b"second-chunk"
+
+    original = plugin.app.read_body
+
+    async def counting_read_body(receive: Any, record: dict[str, Any]) -> bytes:
+        async def counting_receive() -> Any:
+            message = await receive()
+            if message.get("body"):
+                plugin.app.events.append("chunk 1")
+            return message
+
+        return await original(counting_receive, record)
+
+    plugin.app.read_body = counting_read_body  # type: ignore[method-assign]
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(proxy.url + "/peak/upload", content=body())
+    assert got_first.is_set() and "chunk 1" in plugin.app.events
+    assert response.json()["body_len"] == len(b"first-chunksecond-chunk")
+    assert header_values(plugin.app.seen[0], "transfer-encoding") == ["chunked"]
+
+
+async def test_response_streams_event_by_event(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """11: SSE events reach the client while the plugin is still producing them."""
+    proxy = start_proxy({"/peak": plugin.url})
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("GET", proxy.url + "/peak/stream?chunks=50&size=5&delay=0.05") as response:
+            iterator = response.aiter_raw()
+            first = await iterator.__anext__()
+            assert first.startswith(b"xxxxx")
+            # The plugin is far from done when the first bytes arrive.
+            assert len(plugin.app.events) < 40
+            rest = b"".join([chunk async for chunk in iterator])
+    assert len(first + rest) == 250
+
+
+async def test_server_sent_events_arrive_intact(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    proxy = start_proxy({"/peak": plugin.url})
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("GET", proxy.url + "/peak/sse?events=3") as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            lines = [line async for line in response.aiter_lines() if line]
+    assert lines == ["data: event 0", "data: event 1", "data: event 2"]
+
+
+async def test_content_length_kept_when_known_else_chunked(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """11."""
+    proxy = start_proxy({"/peak": plugin.url})
+    known = await get(proxy.url + "/peak/stream?chunks=3&size=10&length=1")
+    assert known.headers["content-length"] == "30" and "transfer-encoding" not in known.headers
+    unknown = await get(proxy.url + "/peak/stream?chunks=3&size=10")
+    assert unknown.headers["transfer-encoding"] == "chunked" and "content-length" not in unknown.headers
+    seen = (await get(proxy.url + "/peak/echo", headers={"content-length": "0"})).json()
+    assert header_values(seen, "content-length") == ["0"]
+
+
+async def test_gzip_response_passes_through_byte_identical(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """12."""
+    proxy = start_proxy({"/peak": plugin.url})
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("GET", proxy.url + "/peak/gzip") as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == GZIPPED
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [("HEAD", "/peak/echo", 200), ("GET", "/peak/status?code=204", 204), ("GET", "/peak/status?code=304", 304)],
+)
+def test_head_204_and_304_carry_no_body(
+    start_proxy: StartProxy, plugin: PluginServer, method: str, path: str, status: int
+) -> None:
+    """12: and the next request on the same client connection still works."""
+    proxy = start_proxy({"/peak": plugin.url})
+    first = f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    second = b"GET /peak/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response = raw_request(proxy.port, first + second)
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert status_of(head) == status
+    assert rest.startswith(b"HTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize(
+    "location, strip, expected",
+    [
+        ("{origin}/peak/next", False, "/peak/next"),
+        ("{origin}/next?x=1", True, "/api/peak/next?x=1"),
+        ("/next", True, "/api/peak/next"),
+        ("/api/peak/next", False, "/api/peak/next"),
+        ("https://elsewhere.example/x", False, "https://elsewhere.example/x"),
+    ],
+)
+async def test_location_on_the_upstream_origin_is_rewritten(
+    start_proxy: StartProxy, plugin: PluginServer, location: str, strip: bool, expected: str
+) -> None:
+    """13."""
+    proxy = start_proxy(RouteTable([Route("/peak", plugin.url, strip_prefix=strip)]), mount_path="/api")
+    response = await get(proxy.url + "/api/peak/redirect", params={"to": location})
+    assert response.status_code == 302
+    assert response.headers["location"] == expected
+
+
+# -- errors and faults (15-20) -------------------------------------------------
+
+
+def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"error", "detail", "request_id"}
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+async def test_refused_connection_is_retried_then_502_without_leaking(start_proxy: StartProxy) -> None:
+    """15."""
+    port = free_port()
+    proxy = start_proxy({"/peak": f"http://127.0.0.1:{port}"}, retry_window=0.3)
+    response = await get(proxy.url + "/peak/x", headers={"X-Request-Id": "abc"})
+    body = assert_json_error(response, 502)
+    assert body["request_id"] == "abc"
+    assert str(port) not in response.text and "127.0.0.1" not in response.text and "Errno" not in response.text
+
+
+async def test_plugin_restarting_within_the_retry_window_gets_the_request(start_proxy: StartProxy) -> None:
+    """15: a plugin subprocess being restarted comes back within the window."""
+    port = free_port()
+    proxy = start_proxy({"/peak": f"http://127.0.0.1:{port}"}, retry_window=5)
+    app = Plugin()
+    async with httpx.AsyncClient(timeout=10) as client:
+        pending = asyncio.ensure_future(client.get(proxy.url + "/peak/x"))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        with serve(app, port=port):
+            response = await pending
+    assert response.status_code == 200
+    assert len(app.seen) == 1
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_request_that_reached_the_plugin_is_never_replayed(start_proxy: StartProxy, method: str) -> None:
+    """15: the plugin read the request and died without answering."""
+    with RawBackend(lambda head, index: b"") as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.request(
+                method, proxy.url + "/peak/x", content=b"payload" if method == "POST" else None
+            )
+        assert_json_error(response, 502)
+        assert len(backend.requests) == 1
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("method, retried", [("GET", True), ("PUT", True), ("POST", False)])
+async def test_stale_pooled_connection_retries_only_idempotent_requests(
+    start_proxy: StartProxy, method: str, retried: bool
+) -> None:
+    """15: a pooled connection the plugin closed just as it was reused (nothing answered)."""
+
+    def respond(head: bytes, index: int) -> bytes:
+        return OK if index == 0 else b""  # the second request on a connection finds it closed
+
+    with RawBackend(respond, close=False) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(proxy.url + "/peak/x")).status_code == 200
+            response = await client.request(method, proxy.url + "/peak/x", content=b"body")
+    assert response.status_code == (200 if retried else 502)
+    assert backend.connections == (2 if retried else 1)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-",  # dropped mid-headers
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\n",
+        b"",  # closed without answering
+    ],
+)
+async def test_invalid_upstream_http_is_a_502(start_proxy: StartProxy, answer: bytes) -> None:
+    """16."""
+    with RawBackend(lambda head, index: answer or b"") as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        response = await get(proxy.url + "/peak/x")
+    body = assert_json_error(response, 502)
+    assert "127.0.0.1" not in body["detail"]
+
+
+async def test_slow_plugin_is_a_504_after_read_timeout(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """16."""
+    proxy = start_proxy(RouteTable([Route("/peak", plugin.url, read_timeout=0.2)]))
+    response = await get(proxy.url + "/peak/slow?delay=2")
+    body = assert_json_error(response, 504)
+    assert body["error"] == "gateway_timeout"
+
+
+async def test_connect_timeout_is_a_504(start_proxy: StartProxy) -> None:
+    """16: a listener whose accept queue is full never completes the handshake."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    try:
+        proxy = start_proxy(RouteTable([Route("/peak", f"http://127.0.0.1:{port}", connect_timeout=0.3)]))
+        response = await get(proxy.url + "/peak/x")
+        assert_json_error(response, 504)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_client_disconnect_while_waiting_aborts_the_upstream(
+    start_proxy: StartProxy, plugin: PluginServer
+) -> None:
+    """17: the plugin sees its client (the proxy) go away."""
+    proxy = start_proxy({"/peak": plugin.url})
+    async with httpx.AsyncClient(timeout=0.3) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(proxy.url + "/peak/hang")
+    deadline = time.monotonic() + 2
+    while "http.disconnect" not in plugin.app.events and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert "http.disconnect" in plugin.app.events
+    assert proxy.middleware.pool.idle_count() == 0
+
+
+async def test_client_disconnect_mid_upload_aborts_the_upstream(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """17."""
+    proxy = start_proxy({"/peak": plugin.url})
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /peak/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        deadline = time.monotonic() + 2
+        while not plugin.app.seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 2
+    while "disconnect-during-body" not in plugin.app.events and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert "disconnect-during-body" in plugin.app.events
+
+
+async def test_client_disconnect_mid_response_closes_the_upstream_connection(start_proxy: StartProxy) -> None:
+    """17: the half-read connection is closed, never pooled and reused."""
+
+    def respond(head: bytes, index: int) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 65536
+
+    with RawBackend(respond, close=False) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"GET /peak/big HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        backend.respond = lambda head, index: OK
+        response = await get(proxy.url + "/peak/x")
+        assert response.status_code == 200 and response.text == "ok"
+        assert backend.connections == 2
+    assert proxy.middleware.pool.idle_count() <= 1
+
+
+async def test_body_over_the_route_limit_is_413_before_contacting_the_plugin(
+    start_proxy: StartProxy, plugin: PluginServer
+) -> None:
+    """18."""
+    proxy = start_proxy(RouteTable([Route("/peak", plugin.url, max_body_bytes=10)]))
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(proxy.url + "/peak/upload", content=b"x" * 11)
+        assert_json_error(response, 413)
+        assert plugin.app.seen == []
+        ok = await client.post(proxy.url + "/peak/upload", content=b"x" * 10)
+        assert ok.json()["body_len"] == 10
+
+
+async def test_streamed_body_over_the_limit_is_413_without_reading_the_rest(
+    start_proxy: StartProxy, plugin: PluginServer
+) -> None:
+    """18."""
+    proxy = start_proxy(RouteTable([Route("/peak", plugin.url, max_body_bytes=100_000)]))
+    produced = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(10_000):
+            produced += 10_000
+            yield b"x" * 10_000
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            response = await client.post(proxy.url + "/peak/upload", content=body())
+        except httpx.HTTPError:
+            pass  # the proxy may close the connection while the client is still sending
+        else:
+            assert_json_error(response, 413)
+    assert produced < 50_000_000  # the proxy closed the connection instead of draining 100 MB
+
+
+async def test_route_pointing_back_at_the_proxy_is_a_508(start_proxy: StartProxy) -> None:
+    """19."""
+    proxy = start_proxy({})
+    proxy.routes.set("/loop", proxy.url)
+    response = await get(proxy.url + "/loop/x")
+    assert_json_error(response, 508)
+
+
+async def test_one_access_log_line_per_proxied_request(
+    start_proxy: StartProxy, plugin: PluginServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20."""
+    proxy = start_proxy({"/peak": plugin.url})
+    with caplog.at_level(logging.INFO, logger="mint_proxy"):
+        await get(proxy.url + "/peak/x", headers={"X-Request-Id": "log-me"})
+        await get(proxy.url + "/unrouted")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy"]
+    assert len(lines) == 1
+    assert re.fullmatch(r'log-me "GET /peak/x" plugin=peak status=200 \d+\.\dms', lines[0])
+
+
+async def test_large_streams_keep_memory_flat(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """11: 256 MiB each way through the proxy; the whole test process grows < 64 MiB."""
+    proxy = start_proxy({"/peak": plugin.url})
+    size = 256 * 1024 * 1024
+    peak = baseline = _rss()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    block = b"y" * (1024 * 1024)
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    try:
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(proxy.url + "/peak/upload", content=upload())
+            assert response.json()["body_len"] == size
+            received = 0
+            url = proxy.url + f"/peak/stream?chunks={size // 65536}&size=65536&length=1"
+            async with client.stream("GET", url) as streamed:
+                async for chunk in streamed.aiter_raw():
+                    received += len(chunk)
+            assert received == size
+    finally:
+        stop.set()
+        sampler.join()
+    assert peak - baseline < 64 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

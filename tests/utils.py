@@ -1,0 +1,185 @@
+"""Real servers for tests: uvicorn on 127.0.0.1 sockets we bound to port 0, plus raw sockets."""
+
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+SECRET = "test-internal-token-secret-0123456789abcdef"  # >= 32 bytes
+
+
+@dataclass
+class Running:
+    """A server started by ``serve``."""
+
+    url: str
+    port: int
+    server: uvicorn.Server
+    uds: str = ""
+
+
+def bind_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def free_port() -> int:
+    with contextlib.closing(bind_socket()) as sock:
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, http: str = "httptools", uds: bool = False, port: int = 0, **options: Any) -> Iterator[Running]:
+    """Run ``app`` under uvicorn in a thread until the block exits; wait on ``started``, never sleep."""
+    if uds:
+        directory = tempfile.mkdtemp(prefix="mint-proxy-test-")
+        path = os.path.join(directory, "plugin.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        url, port = f"unix:{path}", 0
+    else:
+        sock = bind_socket(port)
+        port = sock.getsockname()[1]
+        url, path = f"http://127.0.0.1:{port}", ""
+    options.setdefault("lifespan", "off")
+    options.setdefault("log_level", "warning")
+    config = uvicorn.Config(app, http=http, ws="websockets-sansio", **options)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.001)
+    try:
+        yield Running(url=url, port=port, server=server, uds=path)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def raw_request(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send bytes exactly as given and read until the server closes or goes quiet.
+
+    httpx normalises paths (``..``, ``%2e``) before sending; attacks must use this.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return read_until_quiet(sock, timeout=timeout)
+
+
+def read_until_quiet(sock: socket.socket, *, timeout: float = 5.0, quiet: float = 0.3) -> bytes:
+    """Read until EOF, or until ``quiet`` seconds pass with nothing new after some data."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    sock.settimeout(quiet)
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            if chunks:
+                break
+            continue
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    """The final status of a raw response (interim 1xx responses skipped); 0 if none."""
+    while response.startswith(b"HTTP/1.1 1"):
+        response = response.partition(b"\r\n\r\n")[2]
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.") else 0
+
+
+class RawBackend:
+    """A plugin that answers each request with ``respond(request_head, index_on_connection)``.
+
+    An empty answer closes the connection without responding.
+
+    For upstream faults a real framework will not produce: invalid HTTP, lies
+    about lengths, drops mid-headers. ``connections`` counts accepted sockets.
+    """
+
+    def __init__(self, respond: Callable[[bytes, int], bytes], *, close: bool = True, hold: float = 0.0) -> None:
+        self.respond = respond
+        self.close = close
+        self.hold = hold
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._sock = bind_socket()
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            index = 0
+            while not self._stop.is_set():
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        head += data
+                except OSError:
+                    return
+                self.requests.append(head)
+                answer = self.respond(head, index)
+                index += 1
+                if not answer:
+                    return
+                try:
+                    conn.sendall(answer)
+                except OSError:
+                    return
+                if self.hold:
+                    time.sleep(self.hold)
+                if self.close:
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> "RawBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
