@@ -101,6 +101,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     duration = args.duration if args.duration is not None else (QUICK_DURATION if args.quick else 10)
     if duration < 1 or args.repeats < 1:
         parser.error("--duration and --repeats must be at least 1")
+    if args.stream_mb is not None and args.stream_mb <= 0:
+        parser.error("--stream-mb must be positive")
     if args.stream_mb is not None:
         stream_bytes = int(args.stream_mb * 1e6)
     else:
@@ -120,7 +122,7 @@ def estimate(opts: Options) -> tuple[float, float]:
     return expected + READY_TIMEOUT, worst + READY_TIMEOUT
 
 
-def preflight(targets: Sequence[str]) -> str | None:
+def preflight() -> str | None:
     """Return an error message if a required tool or CPU is missing."""
     missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
     if missing:
@@ -164,7 +166,14 @@ class _Run:
                 continue
             where = f"proxy PIDs {target.proxy_pids()} on CPU {PROXY_CPU}" if target.proxy else "no proxy"
             print(f"{name} ready on 127.0.0.1:{target.port} ({where})")
-            self.wrk(target, 64, self.opts.warmup)  # warm up connection pools and code paths
+            try:
+                self.wrk(target, 64, self.opts.warmup)  # warm up connection pools and code paths
+            except STEP_ERRORS as exc:
+                self.skipped[name] = f"warm-up run failed: {exc}"
+                print(f"SKIPPED {name}: warm-up run failed: {str(exc).splitlines()[0]}")
+                if target.proxy is not None:
+                    self.supervisor.stop(target.proxy)
+                continue
             self.targets.append(target)
 
     def measure(self, target: Target, round_index: int) -> RoundResult:
@@ -276,7 +285,7 @@ def _raise_signalled(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    problem = preflight(opts.targets)
+    problem = preflight()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -189,7 +189,10 @@ INVALID = [
         id="max-body-negative",
     ),
     pytest.param(
-        '[proxy."/a"]\nurl = "http://h"\nplugin = "-x"\n', '[proxy."/a"].plugin', "must be a slug", id="plugin-slug"
+        '[proxy."/a"]\nurl = "http://h"\nplugin = "a b"\n',
+        '[proxy."/a"].plugin',
+        "must be a non-empty slug",
+        id="plugin-slug",
     ),
     # Bad URLs and schemes.
     pytest.param(
