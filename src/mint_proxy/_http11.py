@@ -14,8 +14,12 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
-_FIELD_LINE = re.compile(
-    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
+# The whole head in one pass: status line, then field lines (RFC 9112 §5). A field
+# value is VCHAR, SP, HTAB or obs-text only: no CR, LF, NUL or other controls, and a
+# line starting with whitespace (obs-fold, §5.2) cannot match a field name.
+_HEAD = re.compile(
+    rb"HTTP/1\.[01] [1-9][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*)?"
+    rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*"
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
@@ -39,20 +43,19 @@ class ResponseHead:
 def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
     """Parse a head (without its final CRLF CRLF); raise ``ValueError`` on anything off."""
     lines = block.split(b"\r\n")
-    match = _STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        raise ValueError("invalid status line")
-    minor, status = match.group(1), int(match.group(2))
+    if _HEAD.fullmatch(block) is None:
+        if _STATUS_LINE.fullmatch(lines[0]) is None:
+            raise ValueError("invalid status line")
+        raise ValueError("invalid header line")
+    minor, status = lines[0][7:8], int(lines[0][9:12])
     headers = []
     lengths: list[bytes] = []
     encodings: list[bytes] = []
     connection = b""
     for line in lines[1:]:
-        field = _FIELD_LINE.fullmatch(line)
-        if field is None:
-            # Covers obs-fold (RFC 9112 §5.2), bare CR or LF, NUL and empty names.
-            raise ValueError("invalid header line")
-        name, value = field.group(1).lower(), field.group(2)
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        value = value.strip(b" \t")
         if name == b"content-length":
             lengths.extend(v.strip() for v in value.split(b","))
         elif name == b"transfer-encoding":

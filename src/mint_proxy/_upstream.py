@@ -364,8 +364,8 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return sum(len(conns) for conns in self._idle.values())
 
-    async def acquire(self, upstream: Upstream, *, connect_timeout: float, retry_window: float) -> Connection:
-        """An idle connection to ``upstream`` if a fresh one is pooled, else a new one."""
+    def take_idle(self, upstream: Upstream) -> Connection | None:
+        """A pooled connection to ``upstream`` that is still open and fresh, if there is one."""
         idle = self._idle.get(upstream)
         if idle:
             now = asyncio.get_running_loop().time()
@@ -375,7 +375,7 @@ class UpstreamPool:
                     conn.reused = True
                     return conn
                 conn.abort()
-        return await self.connect(upstream, connect_timeout=connect_timeout, retry_window=retry_window)
+        return None
 
     async def connect(self, upstream: Upstream, *, connect_timeout: float, retry_window: float) -> Connection:
         """Open a new connection, retrying failed attempts for ``retry_window`` seconds."""

@@ -17,7 +17,10 @@ untouched. A match is proxied:
 3. Once the body is sent, a watcher task waits on ``receive()``: it is the only
    way ASGI reports that the client went away (uvicorn drops ``send()`` silently
    after a disconnect). It aborts the upstream connection at once, so the plugin
-   stops working for nobody and the connection is never pooled.
+   stops working for nobody and the connection is never pooled. The watcher is
+   armed by a timer ``WATCH_DELAY`` (50 ms) after the body is sent: most
+   exchanges are over by then, and a task per request costs more CPU than all
+   of the header handling.
 4. The response head is filtered (``headers.filter_response``) and sent; body
    chunks are passed on as they arrive. ``Content-Length`` is kept when the
    plugin sent one, otherwise the ASGI server chunks the response.
@@ -63,6 +66,8 @@ logger = logging.getLogger("mint_proxy")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _RAW_PATH = re.compile(rb"/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # printable ASCII without '#', '?'
 _MOUNT_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*")
+# How long an exchange runs before a task starts watching for the client going away.
+WATCH_DELAY = 0.05
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
 
 
@@ -263,12 +268,13 @@ class ProxyMiddleware:
             parts += (b"\r\n", body)
         request = b"".join(parts)
 
-        conn = await self.pool.acquire(
+        conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
             route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
         )
         conn.begin(head_request=method == "HEAD")
         client_gone = False
         watcher: asyncio.Task[None] | None = None
+        arming: asyncio.TimerHandle | None = None
         try:
             conn.write(request)
             while more:
@@ -299,7 +305,12 @@ class ProxyMiddleware:
                 client_gone = True
                 conn.abort()
 
-            watcher = asyncio.ensure_future(_watch_disconnect(receive, on_client_gone))
+            def arm_watcher() -> None:
+                nonlocal watcher
+                watcher = asyncio.ensure_future(_watch_disconnect(receive, on_client_gone))
+
+            # Most exchanges finish in well under WATCH_DELAY; only slower ones pay for a task.
+            arming = asyncio.get_running_loop().call_later(WATCH_DELAY, arm_watcher)
             try:
                 head = await conn.read_head(route.read_timeout)
             except UpstreamUnavailable:
@@ -336,6 +347,8 @@ class ProxyMiddleware:
                 return CLIENT_CLOSED
             raise
         finally:
+            if arming is not None:
+                arming.cancel()
             if watcher is not None:
                 watcher.cancel()
             if not conn.reusable:
