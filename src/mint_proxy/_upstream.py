@@ -30,8 +30,8 @@ cost per request.
 
 import asyncio
 import collections
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 from ._http11 import (
     CHUNKED,
@@ -45,6 +45,8 @@ from ._http11 import (
 )
 from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .routing import Upstream
+
+T = TypeVar("T")
 
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
@@ -340,6 +342,28 @@ class Connection(asyncio.Protocol):
         self._pool._forget(self)
 
 
+async def retry_refused(open_connection: Callable[[], Awaitable[T]], *, retry_window: float) -> T:
+    """Call ``open_connection`` until it succeeds, retrying failures for ``retry_window`` seconds.
+
+    Refused, reset, no such socket, unreachable: nothing reached the plugin, so
+    retrying is safe. Backoff starts at 25 ms and doubles up to 250 ms. A timeout
+    is not retried: it already took ``connect_timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_window
+    delay = 0.025
+    while True:
+        try:
+            return await open_connection()
+        except TimeoutError:
+            raise UpstreamTimeout("the plugin did not accept the connection within connect_timeout") from None
+        except OSError as exc:
+            if loop.time() + delay > deadline:
+                raise UpstreamUnavailable("the plugin is not accepting connections") from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 def _expire(waiter: "asyncio.Future[None]") -> None:
     if not waiter.done():
         waiter.set_exception(UpstreamTimeout("the plugin did not answer within the route's read_timeout"))
@@ -380,25 +404,19 @@ class UpstreamPool:
     async def connect(self, upstream: Upstream, *, connect_timeout: float, retry_window: float) -> Connection:
         """Open a new connection, retrying failed attempts for ``retry_window`` seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + retry_window
-        delay = 0.025
-        factory: Callable[[], Connection] = lambda: Connection(self, upstream)  # noqa: E731
-        while True:
-            try:
-                async with asyncio.timeout(connect_timeout):
-                    if upstream.unix_path:
-                        _, conn = await loop.create_unix_connection(factory, upstream.unix_path)
-                    else:
-                        _, conn = await loop.create_connection(factory, upstream.host.strip("[]"), upstream.port)
-                return conn
-            except TimeoutError:
-                raise UpstreamTimeout("the plugin did not accept the connection within connect_timeout") from None
-            except OSError as exc:
-                # Refused, reset, no such socket, unreachable: nothing was sent, so retrying is safe.
-                if loop.time() + delay > deadline:
-                    raise UpstreamUnavailable("the plugin is not accepting connections") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+
+        def factory() -> Connection:
+            return Connection(self, upstream)
+
+        async def open_connection() -> Connection:
+            async with asyncio.timeout(connect_timeout):
+                if upstream.unix_path:
+                    _, conn = await loop.create_unix_connection(factory, upstream.unix_path)
+                else:
+                    _, conn = await loop.create_connection(factory, upstream.host.strip("[]"), upstream.port)
+            return conn
+
+        return await retry_refused(open_connection, retry_window=retry_window)
 
     def release(self, conn: Connection) -> None:
         """Return a connection after its exchange; it is pooled only if it is clean."""

@@ -16,7 +16,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Subprotocol
 
 from ._types import Receive, Scope, Send
-from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from ._upstream import retry_refused
+from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from .headers import inspect_request, new_request_id
 from .routing import Route
 
@@ -99,28 +100,23 @@ async def _connect(
         "max_size": None,
         "create_connection": _UpstreamConnection,
     }
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + proxy.retry_window
-    delay = 0.025
-    while True:
+
+    async def open_connection() -> ClientConnection:
         try:
             if upstream.unix_path:
                 return await unix_connect(upstream.unix_path, "ws://localhost" + target.decode("latin-1"), **options)
             authority = upstream.origin.removeprefix("http://")
             return await connect(f"ws://{authority}{target.decode('latin-1')}", proxy=None, **options)
-        except InvalidStatus:
-            raise
         except TimeoutError:
             raise UpstreamTimeout(
                 "the plugin did not complete the WebSocket handshake within connect_timeout"
             ) from None
         except InvalidHandshake as exc:
+            if isinstance(exc, InvalidStatus):
+                raise
             raise UpstreamProtocolError("the plugin sent an invalid WebSocket handshake") from exc
-        except OSError as exc:
-            if loop.time() + delay > deadline:
-                raise UpstreamUnavailable("the plugin is not accepting connections") from exc
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.25)
+
+    return await retry_refused(open_connection, retry_window=proxy.retry_window)
 
 
 async def _client_to_upstream(receive: Receive, upstream: ClientConnection) -> None:

@@ -58,14 +58,13 @@ from .headers import (
     new_request_id,
     via_value,
 )
-from .routing import Route, RouteTable
+from .routing import Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _RAW_PATH = re.compile(rb"/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # printable ASCII without '#', '?'
-_MOUNT_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*")
 # How long an exchange runs before a task starts watching for the client going away.
 WATCH_DELAY = 0.05
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
@@ -92,8 +91,7 @@ class ProxyMiddleware:
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,
     ) -> None:
-        if not isinstance(mount_path, str) or mount_path.endswith("/") or not _MOUNT_PATH.fullmatch(mount_path):
-            raise ValueError(f"mount_path {mount_path!r} must be '' or a path like '/api' (no trailing '/')")
+        check_mount_path(mount_path)
         if not retry_window >= 0:
             raise ValueError("retry_window must be >= 0 seconds")
         if not client_body_timeout > 0:

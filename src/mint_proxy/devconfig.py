@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import DevConfigError
-from .routing import Route, RouteTable, Upstream
+from .routing import Route, RouteTable, Upstream, check_mount_path
 
 CONFIG_ENV = "MINT_PROXY_CONFIG"
 SECRET_ENV = "MINT_INTERNAL_TOKEN_SECRET"
@@ -47,7 +47,6 @@ _ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 _SETTINGS_KEYS = ("mount_path", "retry_window")
 _TOP_LEVEL_KEYS = ("proxy", "settings")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_MOUNT_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
 _TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array"}
 
 
@@ -196,15 +195,10 @@ def _mount_path(path: str, value: object) -> str:
     where = _where(("settings",), "mount_path")
     if not isinstance(value, str):
         _fail(path, where, f'must be a string like "/api", got {_kind(value)}')
-    segments = value[1:].split("/")
-    if value and (
-        not value.startswith("/")
-        or value.endswith("/")
-        or any(s in (".", "..") or not _MOUNT_SEGMENT.fullmatch(s) for s in segments)
-    ):
-        problem = "must be \"\" or a path like \"/api\": a leading '/', no trailing '/', no empty or dot segments"
-        _fail(path, where, f"{value!r} {problem}")
-    return value
+    try:
+        return check_mount_path(value)
+    except ValueError as exc:
+        _fail(path, where, str(exc).removeprefix("mount_path "))
 
 
 def _retry_window(path: str, value: object) -> float:

@@ -103,6 +103,21 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
+def check_mount_path(mount_path: str) -> str:
+    """Return ``mount_path`` if it is ``""`` or a path like ``/api``; raise ``ValueError``."""
+    if not isinstance(mount_path, str):
+        raise TypeError(f"mount_path must be a string, not {type(mount_path).__name__}")
+    if mount_path:
+        try:
+            _check_prefix(mount_path)
+        except ValueError:
+            raise ValueError(
+                f'mount_path {mount_path!r} must be "" or a path like "/api": '
+                "a leading '/', no trailing '/', no empty or dot segments"
+            ) from None
+    return mount_path
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One routing rule: requests under ``prefix`` go to the plugin at ``url``.
