@@ -669,8 +669,10 @@ async def test_one_access_log_line_per_proxied_request(
         await get(proxy.url + "/peak/x", headers={"X-Request-Id": "log-me"})
         await get(proxy.url + "/unrouted")
     lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy"]
-    assert len(lines) == 1
+    assert len(lines) == 2
     assert re.fullmatch(r'log-me "GET /peak/x" plugin=peak status=200 \d+\.\dms', lines[0])
+    # The proxy's own refusals are logged too, with no plugin.
+    assert re.fullmatch(r'[0-9a-f]{32} "GET /unrouted" plugin=- status=404 \d+\.\dms', lines[1])
 
 
 async def test_large_streams_keep_memory_flat(start_proxy: StartProxy, plugin: PluginServer) -> None:

@@ -31,6 +31,7 @@ class DevProxyApp:
         self._environ = environ
         self.proxy: ProxyMiddleware | None = None
         self.watcher: ConfigWatcher | None = None
+        self._watching: asyncio.Future[None] | None = None
 
     def setup(self) -> ProxyMiddleware:
         """Load the config and build the proxy; raise ``MintProxyError`` with a clear message."""
@@ -56,7 +57,13 @@ class DevProxyApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        proxy = self.proxy or self.setup()
+        proxy = self.proxy
+        if proxy is None:
+            # Served without lifespan: set up on the first request (setup() never awaits,
+            # so two first requests cannot both run it) and watch the file from now on.
+            proxy = self.setup()
+            assert self.watcher is not None
+            self._watching = asyncio.ensure_future(self.watcher.run())
         await proxy(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -68,10 +75,10 @@ class DevProxyApp:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         assert self.watcher is not None and self.proxy is not None
-        watching = asyncio.ensure_future(self.watcher.run())
+        self._watching = asyncio.ensure_future(self.watcher.run())
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
-        watching.cancel()
+        self._watching.cancel()
         self.proxy.pool.close()
         await send({"type": "lifespan.shutdown.complete"})
 

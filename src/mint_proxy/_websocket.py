@@ -9,16 +9,18 @@ same code and reason.
 """
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
+from ._respond import error_body, log_access
 from ._types import Receive, Scope, Send
 from ._upstream import retry_refused
-from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
-from .headers import inspect_request, new_request_id
+from .errors import ProxyError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
+from .headers import client_request_id, inspect_request, new_request_id
 from .routing import Route
 
 if TYPE_CHECKING:
@@ -54,7 +56,8 @@ async def proxy_websocket(
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    request_id = new_request_id()
+    started = time.perf_counter()
+    request_id = client_request_id(scope["headers"]) or new_request_id()
     try:
         info = inspect_request(
             scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=proxy._via_marker
@@ -62,14 +65,19 @@ async def proxy_websocket(
         request_id = info.request_id
         target = proxy.upstream_target(scope, route, relative)
         headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + proxy.proxy_headers(scope, route, info)
-        upstream = await _connect(proxy, route, target, headers, scope.get("subprotocols") or [])
+        upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
     except InvalidStatus as exc:
-        await _deny(
-            scope, send, exc.response.status_code, "upstream_refused", "the plugin refused the WebSocket", request_id
+        # A refusal (4xx/5xx) keeps its status; any other answer to an upgrade is not a WebSocket.
+        status = exc.response.status_code
+        error: ProxyError = (
+            UpstreamRefused("the plugin refused the WebSocket", status=status)
+            if status >= 400
+            else UpstreamProtocolError("the plugin did not accept the WebSocket upgrade")
         )
+        await deny_websocket(scope, send, error, request_id, started, route.plugin)
         return
     except ProxyError as exc:
-        await _deny(scope, send, exc.status, exc.error, exc.detail, request_id)
+        await deny_websocket(scope, send, exc, request_id, started, route.plugin)
         return
 
     await send(
@@ -84,9 +92,18 @@ async def proxy_websocket(
             task.cancel()
         await asyncio.gather(to_upstream, to_client, return_exceptions=True)
         await upstream.close()
+        log_access(request_id, scope, route.plugin, 101, started)
 
 
-async def _connect(
+class _connect(connect):
+    """``websockets.connect`` that never follows a plugin's redirect: the proxy only
+    ever connects to the configured upstream, and only for the path the client asked."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+async def _open(
     proxy: "ProxyMiddleware", route: Route, target: bytes, headers: list[tuple[bytes, bytes]], subprotocols: list[str]
 ) -> ClientConnection:
     upstream = route.upstream
@@ -104,9 +121,10 @@ async def _connect(
     async def open_connection() -> ClientConnection:
         try:
             if upstream.unix_path:
-                return await unix_connect(upstream.unix_path, "ws://localhost" + target.decode("latin-1"), **options)
+                uri = "ws://localhost" + target.decode("latin-1")
+                return await _connect(uri, unix=True, path=upstream.unix_path, proxy=None, **options)
             authority = upstream.origin.removeprefix("http://")
-            return await connect(f"ws://{authority}{target.decode('latin-1')}", proxy=None, **options)
+            return await _connect(f"ws://{authority}{target.decode('latin-1')}", proxy=None, **options)
         except TimeoutError:
             raise UpstreamTimeout(
                 "the plugin did not complete the WebSocket handshake within connect_timeout"
@@ -150,13 +168,18 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
         await send({"type": "websocket.close", "code": close.code, "reason": close.reason})
 
 
-async def _deny(scope: Scope, send: Send, status: int, error: str, detail: str, request_id: bytes) -> None:
-    """Refuse a WebSocket before accepting it: an HTTP error response where the server supports it."""
+async def deny_websocket(
+    scope: Scope, send: Send, error: ProxyError, request_id: bytes, started: float, plugin: str
+) -> None:
+    """Refuse a WebSocket before accepting it: the JSON error as an HTTP response where the
+    server supports the ``websocket.http.response`` extension, else a close (the server
+    then answers 403)."""
     if "websocket.http.response" in scope.get("extensions", {}):
-        from .asgi import _error_body
-
-        body, headers = _error_body(error, detail, request_id)
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        body, headers = error_body(error.error, error.detail, request_id)
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
-        await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008, "reason": detail[:120]})
+        await send(
+            {"type": "websocket.close", "code": 1011 if error.status >= 500 else 1008, "reason": error.detail[:120]}
+        )
+    log_access(request_id, scope, plugin, error.status, started)

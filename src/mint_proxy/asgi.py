@@ -36,7 +36,6 @@ crashed after reading a POST must not get it twice.
 """
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -45,9 +44,11 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from ._respond import log_access, send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
-from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamUnavailable
+from ._websocket import deny_websocket, proxy_websocket
+from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamUnavailable
 from .headers import (
     INTERNAL_TOKEN_HEADER,
     REQUEST_ID_HEADER,
@@ -118,8 +119,6 @@ class ProxyMiddleware:
                 elif scope_type == "http":
                     await self._proxy_http(scope, receive, send, route, path)
                 else:
-                    from ._websocket import proxy_websocket
-
                     await proxy_websocket(self, scope, receive, send, route, path)
                 return
         elif scope_type == "lifespan":
@@ -127,10 +126,8 @@ class ProxyMiddleware:
             return
         if self.app is not None:
             await self.app(scope, receive, send)
-        elif scope_type == "http":
-            await _send_error(send, 404, "not_found", "no route matches this path", new_request_id())
-        elif scope_type == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": "no route matches this path"})
+        elif scope_type in ("http", "websocket"):
+            await self._refuse(scope, send, NotFound("no route matches this path"))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through to the app; close idle upstream connections at shutdown."""
@@ -178,13 +175,14 @@ class ProxyMiddleware:
             return path[len(mount) :]
         return None
 
-    async def _refuse(self, scope: Scope, send: Send, error: ProxyError) -> None:
-        request_id = new_request_id()
+    async def _refuse(self, scope: Scope, send: Send, error: ProxyError, plugin: str = "-") -> None:
+        """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
+        request_id = client_request_id(scope["headers"]) or new_request_id()
         if scope["type"] == "http":
-            await _send_error(send, error.status, error.error, error.detail, request_id)
+            await send_error(send, error.status, error.error, error.detail, request_id, close=error.close_connection)
+            log_access(request_id, scope, plugin, error.status, 0.0)
         else:
-            await send({"type": "websocket.close", "code": 1008, "reason": error.detail[:120]})
-        _log_access(request_id, scope, "-", error.status, 0.0)
+            await deny_websocket(scope, send, error, request_id, 0.0, plugin)
 
     def upstream_target(self, scope: Scope, route: Route, relative: str) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
@@ -227,9 +225,9 @@ class ProxyMiddleware:
             status = exc.status
             if not request_id:
                 request_id = client_request_id(scope["headers"]) or new_request_id()
-            await _send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
+            await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
         finally:
-            _log_access(request_id, scope, route.plugin, status, started)
+            log_access(request_id, scope, route.plugin, status, started)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: Any) -> int:
         method: str = scope["method"]
@@ -393,39 +391,3 @@ def _remove_dot_segments(path: str) -> str:
             output.append(segment)
     trailing = "/" if path.endswith(("/.", "/..")) else ""
     return "/" + "/".join(output) + trailing
-
-
-def _error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHeaders]:
-    """The one place an error becomes a response body: JSON with ``error``, ``detail``, ``request_id``."""
-    body = json.dumps({"error": error, "detail": detail, "request_id": request_id.decode("ascii")}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        (REQUEST_ID_HEADER, request_id),
-    ]
-    return body, headers
-
-
-async def _send_error(
-    send: Send, status: int, error: str, detail: str, request_id: bytes, *, close: bool = False
-) -> None:
-    body, headers = _error_body(error, detail, request_id)
-    if close:
-        headers.append((b"connection", b"close"))
-    message: Message = {"type": "http.response.start", "status": status, "headers": headers}
-    await send(message)
-    await send({"type": "http.response.body", "body": body})
-
-
-def _log_access(request_id: bytes, scope: Scope, plugin: str, status: int, started: float) -> None:
-    if logger.isEnabledFor(logging.INFO):
-        duration = (time.perf_counter() - started) * 1000 if started else 0.0
-        logger.info(
-            '%s "%s %s" plugin=%s status=%d %.1fms',
-            request_id.decode("ascii", "replace"),
-            scope.get("method", "WEBSOCKET"),
-            scope["path"],
-            plugin,
-            status,
-            duration,
-        )

@@ -5,16 +5,18 @@
     ├── InvalidInternalToken      an internal token failed verification
     └── ProxyError                a request cannot be proxied; carries the HTTP status
         ├── BadRequest                 400  the request is malformed or ambiguous
+        ├── NotFound                   404  no route matches and there is no app behind the proxy
         ├── RequestTimeout             408  the client stopped sending its body
         ├── PayloadTooLarge            413  the body exceeds the route's max_body_bytes
         ├── HeadersTooLarge            431  the request headers exceed the proxy's limit
         ├── LoopDetected               508  the request already passed through this proxy
         ├── UpstreamUnavailable        502  the plugin refused or dropped the connection
         ├── UpstreamProtocolError      502  the plugin answered with invalid HTTP
+        ├── UpstreamRefused            4xx/5xx  the plugin refused a WebSocket upgrade
         └── UpstreamTimeout            504  the plugin did not connect or answer in time
 
 Every ``ProxyError`` becomes a JSON response in exactly one place
-(``mint_proxy.asgi._error_response``). Messages never contain upstream
+(``mint_proxy._respond.error_body``). Messages never contain upstream
 addresses, exception text from the network layer, or secrets.
 """
 
@@ -61,6 +63,16 @@ class BadRequest(ProxyError):
 
     status = 400
     error = "bad_request"
+    # RFC 9112 §6.3: after refusing a request whose framing may be misread, close the
+    # connection, so no byte that followed it is ever read as a request of its own.
+    close_connection = True
+
+
+class NotFound(ProxyError):
+    """Raised when no route matches and there is no app to fall through to."""
+
+    status = 404
+    error = "not_found"
 
 
 class RequestTimeout(ProxyError):
@@ -105,6 +117,16 @@ class UpstreamProtocolError(ProxyError):
 
     status = 502
     error = "bad_gateway"
+
+
+class UpstreamRefused(ProxyError):
+    """Raised when the plugin refuses a WebSocket upgrade (4xx/5xx); carries the plugin's status."""
+
+    error = "upstream_refused"
+
+    def __init__(self, detail: str, *, status: int) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 class UpstreamTimeout(ProxyError):

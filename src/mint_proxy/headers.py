@@ -62,8 +62,10 @@ _DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUE
 MAX_REQUEST_ID_LENGTH = 128
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-# RFC 9110 §5.5: a field value never carries CR, LF or NUL.
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+# RFC 9110 §5.5: a field value is VCHAR, SP, HTAB and obs-text; no CR, LF, NUL or other controls.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §7.2: Host is uri-host [ ":" port ]; nothing that could smuggle a path or user info.
+_HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 _ABSOLUTE_URL = re.compile(rb"(?i)(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?(?=[/?#]|$)")
 
 
@@ -111,7 +113,7 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
     encodings: list[bytes] = []
     for name, value in raw:
         if _BAD_VALUE.search(value):
-            raise BadRequest(f"header {name.decode('latin-1')!r} contains CR, LF or NUL")
+            raise BadRequest(f"header {name.decode('latin-1')!r} contains a control character")
         if name in _DROP_FROM_REQUEST or name.startswith(b"x-forwarded-"):
             if name == b"content-length":
                 lengths.extend(v.strip() for v in value.split(b","))
@@ -134,6 +136,8 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
 
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
+    if hosts and not _HOST_VALUE.fullmatch(hosts[0]):
+        raise BadRequest("the Host header is not a host[:port]")
     if not hosts and http_version == "1.1":
         raise BadRequest("HTTP/1.1 request without a Host header")
 
@@ -141,12 +145,14 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
     if encodings:
         if lengths:
             raise BadRequest("both Content-Length and Transfer-Encoding are present")
-        if http_version == "1.0":
-            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if http_version != "1.1":
+            raise BadRequest(f"Transfer-Encoding is not allowed in an HTTP/{http_version} request")
         if len(encodings) != 1 or encodings[0].strip().lower() != b"chunked":
             raise BadRequest("Transfer-Encoding must be exactly 'chunked'")
     elif lengths:
-        if any(not _DIGITS.fullmatch(v) for v in lengths) or len(set(lengths)) != 1:
+        # One value only: a list, even of equal values, is refused like nginx does (the
+        # desync corpus classes "Content-Length: 1000,1000" as severe).
+        if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
             raise BadRequest("Content-Length must be one non-negative decimal number")
         content_length = int(lengths[0])
 
