@@ -16,6 +16,9 @@ cost per request.
   ``drain`` waits while the transport's write buffer is over its limit.
 * Waiting uses one future per wait and a ``call_later`` timer, not
   ``asyncio.wait_for`` and not a task, which is the cheapest wait asyncio has.
+  The hot path never calls ``asyncio.get_running_loop()``: CPython checks the
+  process id on every call, a ``getpid`` syscall each time. Connections keep
+  their loop; the pool's clock is ``time.monotonic()``.
 * ``UpstreamPool`` keeps idle connections per upstream, newest first (LIFO:
   warm connections are reused, surplus ones age out). An idle connection the
   plugin closed is noticed by ``connection_lost`` and dropped from the pool. One
@@ -30,6 +33,7 @@ cost per request.
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
@@ -250,6 +254,9 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange, as the proxy's task sees it --------------------------
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, callback)
+
     def begin(self, *, head_request: bool) -> None:
         """Start a new exchange on this connection."""
         self._state = _HEAD
@@ -392,7 +399,7 @@ class UpstreamPool:
         """A pooled connection to ``upstream`` that is still open and fresh, if there is one."""
         idle = self._idle.get(upstream)
         if idle:
-            now = asyncio.get_running_loop().time()
+            now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < self.idle_timeout:
@@ -424,7 +431,7 @@ class UpstreamPool:
             conn.abort()
             return
         conn._state = _IDLE
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(conn.upstream, [])
         if len(idle) >= self.max_idle_per_upstream:
             conn.abort()

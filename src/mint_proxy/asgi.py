@@ -306,7 +306,7 @@ class ProxyMiddleware:
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, on_client_gone))
 
             # Most exchanges finish in well under WATCH_DELAY; only slower ones pay for a task.
-            arming = asyncio.get_running_loop().call_later(WATCH_DELAY, arm_watcher)
+            arming = conn.call_later(WATCH_DELAY, arm_watcher)
             try:
                 head = await conn.read_head(route.read_timeout)
             except UpstreamUnavailable:

@@ -28,6 +28,7 @@ pointing at the upstream is mapped back to the client-visible path.
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import BadRequest, LoopDetected
@@ -69,9 +70,29 @@ _HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=-]*|\[[0-9A-Fa-f:.]+\])(?
 _ABSOLUTE_URL = re.compile(rb"(?i)(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?(?=[/?#]|$)")
 
 
+def _request_ids() -> Iterator[bytes]:
+    # One getrandom() syscall per 256 ids instead of one per request.
+    while True:
+        block = os.urandom(16 * 256).hex().encode("ascii")
+        for start in range(0, len(block), 32):
+            yield block[start : start + 32]
+
+
+_ids = _request_ids()
+
+
+def _reseed_ids() -> None:
+    global _ids
+    _ids = _request_ids()
+
+
+# A forked worker must not hand out the ids its parent had already drawn.
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def new_request_id() -> bytes:
-    """128 random bits as 32 lowercase hex characters."""
-    return os.urandom(16).hex().encode("ascii")
+    """128 random bits (from os.urandom) as 32 lowercase hex characters."""
+    return next(_ids)
 
 
 def client_request_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
