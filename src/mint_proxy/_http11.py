@@ -79,8 +79,8 @@ def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
 
     if head_request or status < 200 or status in (204, 304):
         framing = NO_BODY
-        if not head_request:
-            content_length = None
+        if not head_request or status < 200 or status == 204:
+            content_length = None  # RFC 9110 §8.6: never on 1xx/204; on 304 not passed on
     elif encodings:
         if len(encodings) != 1 or encodings[0].strip().lower() != b"chunked":
             raise ValueError("unsupported Transfer-Encoding")

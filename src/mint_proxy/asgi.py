@@ -229,12 +229,20 @@ class ProxyMiddleware:
         finally:
             log_access(request_id, scope, route.plugin, status, started)
 
+    async def _receive_body(self, receive: Receive) -> Message:
+        """The next body message; 408 when the client stays silent for ``client_body_timeout``."""
+        try:
+            async with asyncio.timeout(self.client_body_timeout):
+                return await receive()
+        except TimeoutError:
+            raise RequestTimeout("the client stopped sending the request body") from None
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: Any) -> int:
         method: str = scope["method"]
         limit = route.max_body_bytes
         if limit is not None and info.content_length is not None and info.content_length > limit:
             raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-        message = await receive()
+        message = await self._receive_body(receive) if info.content_length or info.chunked else await receive()
         if message["type"] != "http.request":
             return CLIENT_CLOSED
         body: bytes = message.get("body", b"")
@@ -276,11 +284,7 @@ class ProxyMiddleware:
             while more:
                 if conn.head is not None:
                     break  # the plugin answered early: stop sending, relay its answer
-                try:
-                    async with asyncio.timeout(self.client_body_timeout):
-                        message = await receive()
-                except TimeoutError:
-                    raise RequestTimeout("the client stopped sending the request body") from None
+                message = await self._receive_body(receive)
                 if message["type"] != "http.request":
                     return CLIENT_CLOSED
                 chunk: bytes = message.get("body", b"")
@@ -312,7 +316,9 @@ class ProxyMiddleware:
             except UpstreamUnavailable:
                 if client_gone or not _may_retry(conn, method, request):
                     raise
-                conn = await self.pool.connect(route.upstream, connect_timeout=route.connect_timeout, retry_window=0)
+                conn = await self.pool.connect(
+                    route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
+                )
                 conn.begin(head_request=method == "HEAD")
                 conn.write(request)
                 conn.request_complete = True

@@ -96,6 +96,7 @@ class HeadersTooLarge(ProxyError):
 
     status = 431
     error = "request_header_fields_too_large"
+    close_connection = True
 
 
 class LoopDetected(ProxyError):

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import BadRequest, LoopDetected
+from .errors import BadRequest, HeadersTooLarge, LoopDetected
 from .routing import Route
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -61,6 +61,10 @@ _PROTECTED = frozenset({b"host"})
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER}
 
 MAX_REQUEST_ID_LENGTH = 128
+# Request head limits the proxy enforces itself (431), whatever the ASGI server let
+# through: httptools has no limit, and h11's only applies to a head arriving in pieces.
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADERS = 100
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # RFC 9110 §5.5: a field value is VCHAR, SP, HTAB and obs-text; no CR, LF, NUL or other controls.
@@ -132,7 +136,11 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
     hosts: list[bytes] = []
     lengths: list[bytes] = []
     encodings: list[bytes] = []
+    if len(raw) > MAX_HEADERS:
+        raise HeadersTooLarge(f"more than {MAX_HEADERS} request headers")
+    size = 0
     for name, value in raw:
+        size += len(name) + len(value)
         if _BAD_VALUE.search(value):
             raise BadRequest(f"header {name.decode('latin-1')!r} contains a control character")
         if name in _DROP_FROM_REQUEST or name.startswith(b"x-forwarded-"):
@@ -155,6 +163,8 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
             raise LoopDetected("the request already passed through this proxy (a route points back at it)")
         kept.append((name, value))
 
+    if size > MAX_HEADER_BYTES:
+        raise HeadersTooLarge(f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if hosts and not _HOST_VALUE.fullmatch(hosts[0]):
