@@ -13,8 +13,8 @@ bytes (httpx normalises paths and headers) and checked three ways:
   socket, not inferred from the app;
 * the connection: what the server makes of the bytes that follow.
 
-A test marked ``xfail(strict=True, reason="BUG: ...")`` asserts the correct behaviour that the
-proxy does not have yet; removing the mark is part of fixing it.
+Every finding of this suite was first a ``xfail(strict=True, reason="BUG: ...")`` test asserting the
+correct behaviour; the fixed ones say "Regression test" and what used to happen.
 """
 
 import asyncio
@@ -36,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mint_proxy import ProxyMiddleware, Route, RouteTable, TokenIssuer, verify_internal_token
+from mint_proxy._types import Receive, Scope, Send
 
 from .backends import Plugin, header_values
 from .conftest import PluginServer, StartProxy
@@ -126,7 +127,7 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, str]] = []
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             # The platform speaks lifespan: the middleware closes its upstream pool at shutdown.
             while (await receive())["type"] != "lifespan.shutdown":
@@ -280,6 +281,11 @@ def assert_refused(response: Response, who: str, status: int = 400, error: str =
         assert_server_refused(response)
 
 
+def counted(items: list[Any], n: int, item: Any = None) -> Callable[[], bool]:
+    """A condition: ``items`` holds ``n`` entries (or ``n`` times ``item``)."""
+    return lambda: (len(items) if item is None else items.count(item)) == n
+
+
 def wait_for(condition: Callable[[], bool], *, timeout: float = 2.0) -> bool:
     """Poll ``condition`` every 10 ms for at most ``timeout`` s (bounded, never a bare sleep)."""
     deadline = time.monotonic() + timeout
@@ -297,11 +303,6 @@ async def async_wait_for(condition: Callable[[], bool], *, timeout: float = 2.0)
             return False
         await asyncio.sleep(0.01)
     return True
-
-
-def xfail_if(request: pytest.FixtureRequest, condition: bool, reason: str) -> None:
-    if condition:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 # == the shared rig: one proxy per parser ========================================================
@@ -744,11 +745,6 @@ def test_host_with_an_invalid_value_is_refused(rig: Rig, host: bytes) -> None:
 
 # == 4. headers ====================================================================================
 
-BUG_431 = (
-    "BUG: oversized request headers reach the plugin: no size check in the proxy (HeadersTooLarge, 431, "
-    "is defined but never raised), and neither server refuses a head that arrives in one read"
-)
-
 
 @pytest.mark.parametrize(
     "headers",
@@ -758,7 +754,11 @@ BUG_431 = (
     ],
 )
 def test_oversized_headers_are_answered_431_by_the_proxy(rig: Rig, headers: list[str]) -> None:
-    """4: the proxy answers 431 itself, whatever the server let through; zero bytes upstream."""
+    """4: the proxy answers 431 itself, whatever the server let through; zero bytes upstream.
+
+    Regression test: neither server refuses a head that arrives in one read, and the proxy had no
+    limit (HeadersTooLarge was defined but never raised); both headers reached the plugin.
+    """
     raw, _ = exchange(rig.port, make_request("/peak/x", *headers, "Connection: close"))
     assert_proxy_error(one_response(raw), 431, "request_header_fields_too_large")
     rig.untouched()
@@ -991,7 +991,11 @@ def test_body_where_none_may_be_is_dropped_and_never_poisons_a_connection(
 
 
 def test_204_response_never_carries_content_length(start_proxy: StartProxy) -> None:
-    """5: ``_http11.parse_response_head`` keeps the length for HEAD even on a 204; asgi.py re-adds it."""
+    """5: RFC 9110 §8.6: never a Content-Length on a 204, even answering HEAD.
+
+    Regression test: ``_http11.parse_response_head`` kept the plugin's length for HEAD even on a
+    204, and asgi.py re-added it.
+    """
     with RawBackend(lambda head, index: b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n") as backend:
         proxy = start_proxy({"/bad": backend.url})
         responses, _ = keep_alive(proxy.port, "/bad/x", methods=("HEAD",))
@@ -1173,8 +1177,8 @@ async def test_stale_connection_retry_waits_out_a_plugin_restart(start_proxy: St
     connection (it never reached the plugin); while the plugin restarts that connection is refused,
     and the retry window covers it as it covers any refused connection.
 
-    Measured under steady load (test_plugin_restarted_under_steady_load...): about one run in three
-    hit this race and got a 502 "the plugin is not accepting connections" in 0.00 s.
+    Regression test: that retry connected with retry_window=0, so under steady load about one run
+    in three hit the race and got a 502 "the plugin is not accepting connections" in 0.00 s.
     """
     plugin = RestartingPlugin(down=0.3)
     proxy = start_proxy({"/peak": plugin.url}, retry_window=3.0)
@@ -1233,8 +1237,8 @@ async def test_client_gone_mid_upload_is_seen_upstream_at_once_and_leaks_no_conn
     for i in range(1, 6):
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
             sock.sendall(b"POST /peak/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
-            assert await async_wait_for(lambda i=i: len(plugin.app.seen) == i + 1)
-        assert await async_wait_for(lambda i=i: plugin.app.events.count("disconnect-during-body") == i, timeout=1.0)
+            assert await async_wait_for(counted(plugin.app.seen, i + 1))
+        assert await async_wait_for(counted(plugin.app.events, i, "disconnect-during-body"), timeout=1.0)
     assert proxy.middleware.pool.idle_count() <= idle
     await warm_pool(proxy.url, "/peak/after")
 
@@ -1252,7 +1256,7 @@ async def test_client_gone_mid_download_is_seen_upstream_at_once_and_leaks_no_co
             with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
                 sock.sendall(b"GET /peak/stream HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            assert await async_wait_for(lambda i=i: app.events.count("disconnect") == i, timeout=1.0)
+            assert await async_wait_for(counted(app.events, i, "disconnect"), timeout=1.0)
         assert proxy.middleware.pool.idle_count() <= idle
 
 
@@ -1285,9 +1289,12 @@ async def test_stalled_upload_is_a_408_and_the_upstream_request_is_aborted(
 
 
 async def test_headers_then_silence_is_a_408(start_proxy: StartProxy, plugin: PluginServer) -> None:
-    """8: the body-idle timeout starts when the head is complete, not after the first body bytes."""
+    """8: the body-idle timeout starts when the head is complete, not after the first body bytes.
+
+    Regression test: the first body read had no timeout, so such a request was held forever.
+    """
     proxy = start_proxy({"/peak": plugin.url}, client_body_timeout=0.5)
-    raw, _ = exchange(proxy.port, make_request("/peak/upload", "Content-Length: 100", method="POST"), timeout=2.5)
+    raw, _ = exchange(proxy.port, make_request("/peak/upload", "Content-Length: 100", method="POST"), timeout=1.5)
     assert_proxy_error(one_response(raw), 408, "request_timeout")
 
 

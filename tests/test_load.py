@@ -154,6 +154,20 @@ def open_fds() -> tuple[int, int, str]:
     return sum(kinds.values()), kinds.get("socket", 0), breakdown
 
 
+async def settled_fds() -> tuple[int, int, str]:
+    """``open_fds()`` once the last batch's connections have finished closing.
+
+    The servers close their side of a connection a moment after the client's side (another
+    thread sees the FIN): a sample taken at once can count up to a batch of closing sockets.
+    The fewest seen over half a second is the settled count; a real leak never settles.
+    """
+    best = open_fds()
+    for _ in range(10):
+        await asyncio.sleep(0.05)
+        best = min(best, open_fds(), key=lambda sample: sample[1])
+    return best
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -184,7 +198,7 @@ class Sample:
 async def test_soak_fds_sockets_pool_and_rss_stay_flat(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     """10: SOAK_REQUESTS mixed requests in batches of 500 over 50 connections. After a warm-up of
     10 % (at least 2 000 requests), open fds and sockets stay within 16, the pool within its cap, and
-    RSS within 32 MiB of the warm-up sample."""
+    RSS within 16 MiB of the warm-up sample."""
     batch, total = 500, max(SOAK_REQUESTS, 4000)
     warmup_at = max(total // 10, 2000)
     samples: list[Sample] = []
@@ -195,9 +209,10 @@ async def test_soak_fds_sockets_pool_and_rss_stay_flat(rig: Rig, capsys: pytest.
         outcomes = await run_batch(rig.url, start, min(batch, total - start), connections=50, seed=start)
         errors += sum(not o.ok for o in outcomes)
         rig.plugin.seen.clear()  # the recording plugin would otherwise grow with the soak
+        rig.plugin.events.clear()
         done = start + len(outcomes)
         if done % 2000 == 0 or done == total:
-            fds, sockets, kinds = open_fds()
+            fds, sockets, kinds = await settled_fds()
             idle = rig.middleware.pool.idle_count()
             sample = Sample(done, time.perf_counter() - started, fds, sockets, idle, rss_mib(), kinds)
             samples.append(sample)
@@ -218,4 +233,4 @@ async def test_soak_fds_sockets_pool_and_rss_stay_flat(rig: Rig, capsys: pytest.
     assert max(s.fds for s in after) - warm.fds <= 16
     assert max(s.sockets for s in after) - warm.sockets <= 16
     assert max(s.idle for s in after) <= rig.middleware.pool.max_idle_per_upstream
-    assert last.rss - warm.rss <= 32
+    assert last.rss - warm.rss <= 16
