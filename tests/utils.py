@@ -53,7 +53,7 @@ def serve(app: Any, *, http: str = "httptools", uds: bool = False, port: int = 0
         url, path = f"http://127.0.0.1:{port}", ""
     options.setdefault("lifespan", "off")
     options.setdefault("log_level", "warning")
-    config = uvicorn.Config(app, http=http, ws="websockets-sansio", **options)  # type: ignore[arg-type]
+    config = uvicorn.Config(app, http=http, ws="websockets-sansio", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -85,7 +85,7 @@ def raw_request(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
 
 def read_until_quiet(sock: socket.socket, *, timeout: float = 5.0, quiet: float = 0.3) -> bytes:
     """Read until EOF, or until ``quiet`` seconds pass with nothing new after some data."""
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     sock.settimeout(quiet)
     while time.monotonic() < deadline:
