@@ -280,7 +280,8 @@ def test_empty_kid_in_keys_mapping_is_refused() -> None:
 )
 def test_leeway_absorbs_small_clock_skew(claim: str, offset: int, reason: str) -> None:
     # Times are taken when the test runs, not when it is collected.
-    token = make_token(**{claim: int(time.time()) + offset})
+    claims: dict[str, Any] = {claim: int(time.time()) + offset}
+    token = make_token(**claims)
 
     assert verify_internal_token(token, SECRET).plugin == "billing"  # default leeway: 30 s
     assert verify_internal_token(token, SECRET, leeway=20).plugin == "billing"
