@@ -50,9 +50,7 @@ class _UpstreamConnection(ClientConnection):
         await super().handshake(additional_headers, None)
 
 
-async def proxy_websocket(
-    proxy: "ProxyMiddleware", scope: Scope, receive: Receive, send: Send, route: Route, relative: str
-) -> None:
+async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Receive, send: Send, route: Route) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -63,7 +61,7 @@ async def proxy_websocket(
             scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=proxy._via_marker
         )
         request_id = info.request_id
-        target = proxy.upstream_target(scope, route, relative)
+        target = proxy.upstream_target(scope, route)
         headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + proxy.proxy_headers(scope, route, info)
         upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
     except InvalidStatus as exc:

@@ -40,8 +40,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
 from ._respond import log_access, send_error
@@ -52,6 +51,7 @@ from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, RequestTi
 from .headers import (
     INTERNAL_TOKEN_HEADER,
     REQUEST_ID_HEADER,
+    RequestInfo,
     client_request_id,
     filter_response,
     forwarded_headers,
@@ -112,14 +112,16 @@ class ProxyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type == "http" or scope_type == "websocket":
-            route, path = self._match(scope["path"])
-            if path is not None:
-                if route is None:
-                    await self._refuse(scope, send, BadRequest("the path contains '.' or '..' segments"))
-                elif scope_type == "http":
-                    await self._proxy_http(scope, receive, send, route, path)
+            try:
+                route = self._match(scope["path"])
+            except BadRequest as exc:
+                await self._refuse(scope, send, exc)
+                return
+            if route is not None:
+                if scope_type == "http":
+                    await self._proxy_http(scope, receive, send, route)
                 else:
-                    await proxy_websocket(self, scope, receive, send, route, path)
+                    await proxy_websocket(self, scope, receive, send, route)
                 return
         elif scope_type == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -148,24 +150,21 @@ class ProxyMiddleware:
                 await send_closing_pool({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _match(self, path: str) -> tuple[Route | None, str | None]:
-        """``(route, path relative to mount)`` for a proxied path; ``(None, None)`` to fall through.
+    def _match(self, path: str) -> Route | None:
+        """The route for ``path``, or ``None`` to fall through to the app.
 
-        ``(None, path)`` means: refuse, the path has dot segments and touches a route
-        (as written or once resolved). Other dot-segment paths fall through.
+        A path with dot segments that touches a route, as written or once resolved,
+        is refused (``BadRequest``); other dot-segment paths fall through untouched.
         """
         if "/." in path and any(s in (".", "..") for s in path.split("/")):
-            resolved = _remove_dot_segments(path)
-            for candidate in (path, resolved):
-                relative = self._relative(candidate)
-                if relative is not None and self.routes.match(relative) is not None:
-                    return None, candidate
-            return None, None
+            if self._route(path) or self._route(_remove_dot_segments(path)):
+                raise BadRequest("the path contains '.' or '..' segments")
+            return None
+        return self._route(path)
+
+    def _route(self, path: str) -> Route | None:
         relative = self._relative(path)
-        if relative is None:
-            return None, None
-        route = self.routes.match(relative)
-        return (route, relative) if route is not None else (None, None)
+        return None if relative is None else self.routes.match(relative)
 
     def _relative(self, path: str) -> str | None:
         mount = self.mount_path
@@ -184,7 +183,7 @@ class ProxyMiddleware:
         else:
             await deny_websocket(scope, send, error, request_id, 0.0, plugin)
 
-    def upstream_target(self, scope: Scope, route: Route, relative: str) -> bytes:
+    def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
         raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         if not _RAW_PATH.fullmatch(raw):
@@ -199,7 +198,7 @@ class ProxyMiddleware:
         query: bytes = scope.get("query_string", b"")
         return raw + b"?" + query if query else raw
 
-    def proxy_headers(self, scope: Scope, route: Route, info: Any) -> RawHeaders:
+    def proxy_headers(self, scope: Scope, route: Route, info: RequestInfo) -> RawHeaders:
         """Headers the proxy adds after filtering: forwarding, Via, request id, token."""
         prefix = self.mount_path + route.prefix if route.strip_prefix else ""
         added = forwarded_headers(
@@ -211,7 +210,7 @@ class ProxyMiddleware:
             added.append((INTERNAL_TOKEN_HEADER, self.tokens.token_for(route.plugin).encode("ascii")))
         return added
 
-    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route, relative: str) -> None:
+    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         started = time.perf_counter()
         request_id = b""
         status = 0
@@ -237,7 +236,7 @@ class ProxyMiddleware:
         except TimeoutError:
             raise RequestTimeout("the client stopped sending the request body") from None
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: Any) -> int:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: RequestInfo) -> int:
         method: str = scope["method"]
         limit = route.max_body_bytes
         if limit is not None and info.content_length is not None and info.content_length > limit:
@@ -251,7 +250,7 @@ class ProxyMiddleware:
         if limit is not None and received > limit:
             raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
 
-        parts = [method.encode("ascii"), b" ", self.upstream_target(scope, route, ""), b" HTTP/1.1\r\n"]
+        parts = [method.encode("ascii"), b" ", self.upstream_target(scope, route), b" HTTP/1.1\r\n"]
         for name, value in info.headers:
             parts += (name, b": ", value, b"\r\n")
         if info.host is None:
@@ -314,7 +313,7 @@ class ProxyMiddleware:
             try:
                 head = await conn.read_head(route.read_timeout)
             except UpstreamUnavailable:
-                if client_gone or not _may_retry(conn, method, request):
+                if client_gone or not _may_retry(conn, method):
                     raise
                 conn = await self.pool.connect(
                     route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
@@ -357,11 +356,11 @@ class ProxyMiddleware:
                 conn.abort()
 
 
-def _may_retry(conn: Connection, method: str, request: bytes) -> bool:
+def _may_retry(conn: Connection, method: str) -> bool:
     return conn.reused and not conn.received_any and conn.request_complete and method in IDEMPOTENT_METHODS
 
 
-async def _watch_disconnect(receive: Receive, on_gone: Any) -> None:
+async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
     message = await receive()
     if message["type"] == "http.disconnect":
         on_gone()
