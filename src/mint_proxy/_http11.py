@@ -22,6 +22,7 @@ _HEAD = re.compile(
     rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*"
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
 # Body framing of a response.
@@ -42,40 +43,45 @@ class ResponseHead:
 
 def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
     """Parse a head (without its final CRLF CRLF); raise ``ValueError`` on anything off."""
-    lines = block.split(b"\r\n")
     if _HEAD.fullmatch(block) is None:
-        if _STATUS_LINE.fullmatch(lines[0]) is None:
+        if _STATUS_LINE.fullmatch(block.split(b"\r\n", 1)[0]) is None:
             raise ValueError("invalid status line")
         raise ValueError("invalid header line")
-    minor, status = lines[0][7:8], int(lines[0][9:12])
+    lines = block.split(b"\r\n")
+    status_line = lines[0]
+    http10, status = status_line[7] == 0x30, int(status_line[9:12])
     headers = []
     lengths: list[bytes] = []
     encodings: list[bytes] = []
-    connection = b""
+    connection: list[bytes] = []
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name = name.lower()
         value = value.strip(b" \t")
-        if name == b"content-length":
-            lengths.extend(v.strip() for v in value.split(b","))
-        elif name == b"transfer-encoding":
-            encodings.append(value)
-        elif name == b"connection":
-            connection += b"," + value.lower()
         headers.append((name, value))
+        if name in _FRAMING:
+            if name == b"content-length":
+                lengths += [v.strip() for v in value.split(b",")] if b"," in value else [value]
+            elif name == b"transfer-encoding":
+                encodings.append(value)
+            else:
+                connection += [t.strip() for t in value.lower().split(b",")]
 
-    tokens = {t.strip() for t in connection.split(b",")}
-    keep_alive = b"close" not in tokens and (minor == b"1" or b"keep-alive" in tokens)
+    if connection:
+        keep_alive = b"close" not in connection and (not http10 or b"keep-alive" in connection)
+    else:
+        keep_alive = not http10
 
     content_length = None
     if lengths:
-        if any(not _DIGITS.fullmatch(v) for v in lengths) or len(set(lengths)) != 1:
+        if not all(_DIGITS.fullmatch(v) for v in lengths) or (len(lengths) > 1 and len(set(lengths)) != 1):
             raise ValueError("invalid Content-Length")
         content_length = int(lengths[0])
-    if encodings and lengths:
-        raise ValueError("both Content-Length and Transfer-Encoding")
-    if encodings and minor == b"0":
-        keep_alive = False  # RFC 9112 §6.1: faulty framing on HTTP/1.0, close after it
+    if encodings:
+        if lengths:
+            raise ValueError("both Content-Length and Transfer-Encoding")
+        if http10:
+            keep_alive = False  # RFC 9112 §6.1: faulty framing on HTTP/1.0, close after it
 
     if head_request or status < 200 or status in (204, 304):
         framing = NO_BODY

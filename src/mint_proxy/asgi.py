@@ -14,13 +14,10 @@ untouched. A match is proxied:
    framed anew (``Content-Length`` when the client gave one, else chunked), with
    ``drain()`` providing back-pressure and ``max_body_bytes`` enforced as bytes
    arrive (413 without reading the rest).
-3. Once the body is sent, a watcher task waits on ``receive()``: it is the only
-   way ASGI reports that the client went away (uvicorn drops ``send()`` silently
-   after a disconnect). It aborts the upstream connection at once, so the plugin
-   stops working for nobody and the connection is never pooled. The watcher is
-   armed by a timer ``WATCH_DELAY`` (50 ms) after the body is sent: most
-   exchanges are over by then, and a task per request costs more CPU than all
-   of the header handling.
+3. Once the body is sent, the exchange watches ``receive()`` for the client
+   going away (``Connection.watch_client``: a task, started only for exchanges
+   still running after ``WATCH_DELAY``, that aborts the upstream connection, so
+   the plugin stops working for nobody and the connection is never pooled).
 4. The response head is filtered (``headers.filter_response``) and sent; body
    chunks are passed on as they arrive. ``Content-Length`` is kept when the
    plugin sent one, otherwise the ASGI server chunks the response.
@@ -40,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from ._respond import log_access, send_error
@@ -66,8 +63,6 @@ logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _RAW_PATH = re.compile(rb"/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # printable ASCII without '#', '?'
-# How long an exchange runs before a task starts watching for the client going away.
-WATCH_DELAY = 0.05
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
 
 
@@ -250,34 +245,32 @@ class ProxyMiddleware:
         if limit is not None and received > limit:
             raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
 
-        parts = [method.encode("ascii"), b" ", self.upstream_target(scope, route), b" HTTP/1.1\r\n"]
-        for name, value in info.headers:
-            parts += (name, b": ", value, b"\r\n")
+        fields = info.headers + self.proxy_headers(scope, route, info)
         if info.host is None:
-            parts += (b"host: ", _authority(route), b"\r\n")
-        for name, value in self.proxy_headers(scope, route, info):
-            parts += (name, b": ", value, b"\r\n")
+            fields.append((b"host", _authority(route)))
         chunked = info.content_length is None and (info.chunked or more)
         if chunked:
-            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+            fields.append((b"transfer-encoding", b"chunked"))
             if body:
-                parts += (b"%x\r\n" % len(body), body, b"\r\n")
+                body = b"%x\r\n%s\r\n" % (len(body), body)
             if not more:
-                parts.append(b"0\r\n\r\n")
+                body += b"0\r\n\r\n"
         else:
             length = info.content_length if info.content_length is not None else len(body)
             if length or info.content_length is not None:
-                parts.append(b"content-length: %d\r\n" % length)
-            parts += (b"\r\n", body)
-        request = b"".join(parts)
+                fields.append((b"content-length", b"%d" % length))
+        request = b"%s %s HTTP/1.1\r\n%s\r\n\r\n%s" % (
+            method.encode("ascii"),
+            self.upstream_target(scope, route),
+            b"\r\n".join([b": ".join(field) for field in fields]),
+            body,
+        )
 
         conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
             route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
         )
         conn.begin(head_request=method == "HEAD")
-        client_gone = False
-        watcher: asyncio.Task[None] | None = None
-        arming: asyncio.TimerHandle | None = None
+        released = False
         try:
             conn.write(request)
             while more:
@@ -298,29 +291,20 @@ class ProxyMiddleware:
                     conn.write(chunk)
                 await conn.drain()
             conn.request_complete = not more
-
-            def on_client_gone() -> None:
-                nonlocal client_gone
-                client_gone = True
-                conn.abort()
-
-            def arm_watcher() -> None:
-                nonlocal watcher
-                watcher = asyncio.ensure_future(_watch_disconnect(receive, on_client_gone))
-
-            # Most exchanges finish in well under WATCH_DELAY; only slower ones pay for a task.
-            arming = conn.call_later(WATCH_DELAY, arm_watcher)
+            conn.watch_client(receive)
             try:
                 head = await conn.read_head(route.read_timeout)
             except UpstreamUnavailable:
-                if client_gone or not _may_retry(conn, method):
+                if conn.client_gone or not _may_retry(conn, method):
                     raise
+                conn.abort()
                 conn = await self.pool.connect(
                     route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                 )
                 conn.begin(head_request=method == "HEAD")
                 conn.write(request)
                 conn.request_complete = True
+                conn.watch_client(receive)
                 head = await conn.read_head(route.read_timeout)
 
             client_prefix = self.mount_path + route.prefix if route.strip_prefix else ""
@@ -336,34 +320,25 @@ class ProxyMiddleware:
                     chunk, more = await conn.read_body(route.read_timeout)
                     if not more:
                         self.pool.release(conn)
+                        released = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
             except ProxyError as exc:
                 # The response has started: abort the client's connection instead of
                 # finishing it, so a truncated body never looks complete.
                 logger.warning("aborted response %s: %s", info.request_id.decode(), exc.detail)
-                return CLIENT_CLOSED if client_gone else exc.status
+                return CLIENT_CLOSED if conn.client_gone else exc.status
             return head.status
         except ProxyError:
-            if client_gone:
+            if conn.client_gone:
                 return CLIENT_CLOSED
             raise
         finally:
-            if arming is not None:
-                arming.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            if not conn.reusable:
+            if not released:
                 conn.abort()
 
 
 def _may_retry(conn: Connection, method: str) -> bool:
     return conn.reused and not conn.received_any and conn.request_complete and method in IDEMPOTENT_METHODS
-
-
-async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        on_gone()
 
 
 def _authority(route: Route) -> bytes:

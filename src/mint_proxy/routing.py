@@ -30,6 +30,12 @@ class Upstream:
     port: int = 0
     unix_path: str = ""
     base_path: str = ""
+    # Where connections go (``host:port`` or the socket path): the connection pool's key.
+    address: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        address = f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+        object.__setattr__(self, "address", address)
 
     @classmethod
     def parse(cls, url: str) -> "Upstream":
