@@ -225,7 +225,9 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
 
     valid = len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0])
     request_id = request_ids[0] if valid else None
-    return RequestInfo(kept, request_id or new_request_id(), hosts[0] if hosts else None, content_length, bool(encodings))
+    return RequestInfo(
+        kept, request_id or new_request_id(), hosts[0] if hosts else None, content_length, bool(encodings)
+    )
 
 
 def _via_names(value: bytes, marker: bytes) -> bool:
