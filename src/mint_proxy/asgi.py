@@ -46,14 +46,14 @@ from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
 from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamUnavailable
 from .headers import (
-    INTERNAL_TOKEN_HEADER,
-    REQUEST_ID_HEADER,
     RequestInfo,
     client_request_id,
+    field_lines,
     filter_response,
-    forwarded_headers,
+    forwarded_lines,
     inspect_request,
     new_request_id,
+    parse_field_lines,
     via_value,
 )
 from .routing import Route, RouteTable, check_mount_path
@@ -102,6 +102,8 @@ class ProxyMiddleware:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.via_pseudonym):
             raise ValueError("via_pseudonym must be a token of letters, digits and -._")
         self._via_marker = self.via_pseudonym.encode("ascii")
+        self._via_lines = {v: b"via: %s\r\n" % via_value(v, self._via_marker) for v in ("1.0", "1.1", "2")}
+        self._plans: dict[str, _Plan] = {}
         self.pool = pool or UpstreamPool()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -193,17 +195,27 @@ class ProxyMiddleware:
         query: bytes = scope.get("query_string", b"")
         return raw + b"?" + query if query else raw
 
-    def proxy_headers(self, scope: Scope, route: Route, info: RequestInfo) -> RawHeaders:
-        """Headers the proxy adds after filtering: forwarding, Via, request id, token."""
-        prefix = self.mount_path + route.prefix if route.strip_prefix else ""
-        added = forwarded_headers(
-            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=prefix
+    def proxy_lines(self, scope: Scope, route: Route, info: RequestInfo) -> bytes:
+        """Field lines the proxy adds after filtering: forwarding, Via, request id, token."""
+        plan = self._plans.get(route.prefix)
+        if plan is None or plan.route is not route:
+            plan = self._plans[route.prefix] = _Plan(route, self.mount_path)
+        version: str = scope.get("http_version", "1.1")
+        via = self._via_lines.get(version) or b"via: %s\r\n" % via_value(version, self._via_marker)
+        lines = forwarded_lines(
+            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=plan.client_prefix
         )
-        added.append((b"via", via_value(scope.get("http_version", "1.1"), self._via_marker)))
-        added.append((REQUEST_ID_HEADER, info.request_id))
+        lines += b"%sx-request-id: %s\r\n" % (via, info.request_id)
         if self.tokens is not None:
-            added.append((INTERNAL_TOKEN_HEADER, self.tokens.token_for(route.plugin).encode("ascii")))
-        return added
+            token = self.tokens.token_for(route.plugin)
+            if token is not plan.token:
+                plan.token, plan.token_line = token, b"x-mint-internal-token: %s\r\n" % token.encode("ascii")
+            lines += plan.token_line
+        return lines
+
+    def proxy_headers(self, scope: Scope, route: Route, info: RequestInfo) -> RawHeaders:
+        """``proxy_lines`` as a header list."""
+        return parse_field_lines(self.proxy_lines(scope, route, info))
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         started = time.perf_counter()
@@ -245,26 +257,20 @@ class ProxyMiddleware:
         if limit is not None and received > limit:
             raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
 
-        fields = info.headers + self.proxy_headers(scope, route, info)
+        lines = field_lines(info.headers) + self.proxy_lines(scope, route, info)
         if info.host is None:
-            fields.append((b"host", _authority(route)))
+            lines += b"host: %s\r\n" % _authority(route)
         chunked = info.content_length is None and (info.chunked or more)
         if chunked:
-            fields.append((b"transfer-encoding", b"chunked"))
+            lines += b"transfer-encoding: chunked\r\n"
             if body:
                 body = b"%x\r\n%s\r\n" % (len(body), body)
             if not more:
                 body += b"0\r\n\r\n"
-        else:
-            length = info.content_length if info.content_length is not None else len(body)
-            if length or info.content_length is not None:
-                fields.append((b"content-length", b"%d" % length))
-        request = b"%s %s HTTP/1.1\r\n%s\r\n\r\n%s" % (
-            method.encode("ascii"),
-            self.upstream_target(scope, route),
-            b"\r\n".join([b": ".join(field) for field in fields]),
-            body,
-        )
+        elif info.content_length is not None or body:
+            lines += b"content-length: %d\r\n" % (len(body) if info.content_length is None else info.content_length)
+        target = self.upstream_target(scope, route)
+        request = b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body)
 
         conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
             route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
@@ -335,6 +341,19 @@ class ProxyMiddleware:
         finally:
             if not released:
                 conn.abort()
+
+
+class _Plan:
+    """What the proxy works out once per route rather than once per request."""
+
+    __slots__ = ("route", "client_prefix", "token", "token_line")
+
+    def __init__(self, route: Route, mount_path: str) -> None:
+        self.route = route
+        # What the client's path has in front of the plugin's: mount_path + prefix when stripped.
+        self.client_prefix = mount_path + route.prefix if route.strip_prefix else ""
+        self.token: str | None = None
+        self.token_line = b""
 
 
 def _may_retry(conn: Connection, method: str) -> bool:

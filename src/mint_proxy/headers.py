@@ -19,8 +19,8 @@ through ``inspect_request`` once. That single pass:
 * keeps everything else exactly as sent, ``Authorization``, ``Cookie`` and
   ``Host`` included, in order, duplicates included.
 
-The proxy's own headers are appended afterwards by ``proxy_headers``, so no
-``Connection`` token can remove them. Response headers go through
+The proxy's own headers are appended afterwards (``ProxyMiddleware.proxy_lines``),
+so no ``Connection`` token can remove them. Response headers go through
 ``filter_response``: hop-by-hop and framing headers, and any internal token,
 are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
 pointing at the upstream is mapped back to the client-visible path.
@@ -239,24 +239,39 @@ def _via_names(value: bytes, marker: bytes) -> bool:
     return False
 
 
-def forwarded_headers(
-    info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str
-) -> list[tuple[bytes, bytes]]:
-    """The ``X-Forwarded-*`` set, built only from the ASGI scope (never from client headers).
+_PROTO_LINES = {
+    "http": b"x-forwarded-proto: http\r\n",
+    "https": b"x-forwarded-proto: https\r\n",
+    "ws": b"x-forwarded-proto: http\r\n",
+    "wss": b"x-forwarded-proto: https\r\n",
+}
+
+
+def forwarded_lines(info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str) -> bytes:
+    """The ``X-Forwarded-*`` field lines, built only from the ASGI scope (never from client headers).
 
     The ASGI server decides which upstream proxies to trust (uvicorn's
     ``--forwarded-allow-ips``) and has already put the result in the scope.
+    Each line ends in CRLF; ``field_lines``/``parse_field_lines`` convert.
     """
-    headers = []
+    lines = _PROTO_LINES.get(scheme) or b"x-forwarded-proto: %s\r\n" % scheme.encode("latin-1")
     if client:
-        headers.append((b"x-forwarded-for", client[0].encode("latin-1")))
-    proto = {"ws": "http", "wss": "https"}.get(scheme, scheme)
-    headers.append((b"x-forwarded-proto", proto.encode("latin-1")))
+        lines = b"x-forwarded-for: %s\r\n%s" % (client[0].encode("latin-1"), lines)
     if info.host is not None:
-        headers.append((b"x-forwarded-host", info.host))
+        lines += b"x-forwarded-host: %s\r\n" % info.host
     if forwarded_prefix:
-        headers.append((b"x-forwarded-prefix", forwarded_prefix.encode("latin-1")))
-    return headers
+        lines += b"x-forwarded-prefix: %s\r\n" % forwarded_prefix.encode("latin-1")
+    return lines
+
+
+def field_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``name: value`` CRLF for each header, as they go on the wire."""
+    return b"".join([b"%s: %s\r\n" % field for field in headers])
+
+
+def parse_field_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """The inverse of ``field_lines`` (for lines this module built: no folding, no stray CRLF)."""
+    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n") if line)]
 
 
 def via_value(http_version: str, pseudonym: bytes) -> bytes:
