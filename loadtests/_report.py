@@ -213,7 +213,7 @@ def render(
             for s in summaries
         ],
     )
-    goal_rows = [row for s in summaries if s.target != "direct" for row in _goal_rows(s)]
+    goal_rows = [row for s in summaries if s.target not in ("direct", "asgi_floor") for row in _goal_rows(s)]
     if goal_rows:
         out += ["", "## Goals", ""]
         out += _table(["target", "metric (median)", "measured", "goal", "met"], goal_rows)

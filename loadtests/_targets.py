@@ -16,7 +16,9 @@ from pathlib import Path
 from loadtests._procs import Child, Supervisor, process_tree
 from loadtests._transfer import get_small
 
-ALL_TARGETS = ("direct", "nginx", "mint_proxy", "mint_proxy_unix")
+ALL_TARGETS = ("direct", "nginx", "asgi_floor", "mint_proxy", "mint_proxy_unix")
+# References measured for small GETs only (no streamed transfers, no goals): see loadtests/floor.py.
+REFERENCE_ONLY = frozenset({"asgi_floor"})
 PREFIX = "/bench"
 CLIENT_CPU = 0
 BACKEND_CPU = 0
@@ -179,6 +181,18 @@ def _start_mint_proxy(supervisor: Supervisor, backend: Backend, tmp: Path, *, ap
     return Target(name, port, child)
 
 
+def _start_floor(supervisor: Supervisor, backend: Backend, tmp: Path) -> Target:
+    port = free_port()
+    env = _python_env({"MINT_FLOOR_UPSTREAM": f"127.0.0.1:{backend.port}"})
+    argv = [sys.executable, "-m", "uvicorn", "loadtests.floor:app", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]
+    child = supervisor.start(
+        "asgi_floor", pinned(PROXY_CPU, argv), log_path=tmp / "asgi_floor.log", env=env, cwd=REPO_ROOT
+    )
+    _wait_or_stop(supervisor, child, port)
+    return Target("asgi_floor", port, child)
+
+
 def _wait_or_stop(supervisor: Supervisor, child: Child, port: int) -> None:
     try:
         wait_ready(child, port, f"{PREFIX}/small")
@@ -194,6 +208,8 @@ def start_target(name: str, supervisor: Supervisor, backend: Backend, tmp: Path,
             return Target("direct", backend.port, None)
         case "nginx":
             return _start_nginx(supervisor, backend, tmp)
+        case "asgi_floor":
+            return _start_floor(supervisor, backend, tmp)
         case "mint_proxy" | "mint_proxy_unix":
             return _start_mint_proxy(supervisor, backend, tmp, app=mint_app, unix=name == "mint_proxy_unix")
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")

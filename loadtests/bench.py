@@ -38,6 +38,7 @@ from loadtests._targets import (
     PREFIX,
     PROXY_CPU,
     READY_TIMEOUT,
+    REFERENCE_ONLY,
     REPO_ROOT,
     Backend,
     Target,
@@ -178,7 +179,9 @@ class _Run:
 
     def measure(self, target: Target, round_index: int) -> RoundResult:
         result = RoundResult(target.name, round_index)
-        steps = (self._latency, self._throughput, self._download, self._upload)
+        steps = [self._latency, self._throughput]
+        if target.name not in REFERENCE_ONLY:
+            steps += [self._download, self._upload]
         proxy_pids = target.proxy_pids()
         tasks_before, proxy_before, began = cpu_task_seconds(PROXY_CPU), cpu_seconds(proxy_pids), time.monotonic()
         for step in steps:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mint_proxy import Route, RouteTable, verify_internal_token
+from mint_proxy import ProxyMiddleware, Route, RouteTable, TokenIssuer, verify_internal_token
 
 from .backends import GZIPPED, Plugin, header_values
 from .conftest import PluginServer, StartProxy
@@ -360,6 +360,50 @@ async def test_request_body_streams_to_the_plugin_chunk_by_chunk(start_proxy: St
         response = await client.post(proxy.url + "/peak/upload", content=body())
     assert got_first.is_set() and "chunk 1" in plugin.app.events
     assert response.json()["body_len"] == len(b"first-chunksecond-chunk")
+    assert header_values(plugin.app.seen[0], "transfer-encoding") == ["chunked"]
+
+
+@pytest.mark.parametrize("http_version", ["2", "3"])
+async def test_http2_request_without_framing_headers_still_sends_its_body(
+    plugin: PluginServer, http_version: str
+) -> None:
+    """11: in HTTP/2 and 3 a body needs no Content-Length (RFC 9113 §8.1): it is read and forwarded.
+
+    A hand-built scope, since uvicorn only speaks HTTP/1.x; the plugin is a real server.
+    """
+    proxy = ProxyMiddleware(None, routes={"/peak": plugin.url}, tokens=TokenIssuer(SECRET))
+    messages = [
+        {"type": "http.request", "body": b"part one, ", "more_body": True},
+        {"type": "http.request", "body": b"part two", "more_body": False},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": http_version,
+        "method": "POST",
+        "scheme": "https",
+        "path": "/peak/upload",
+        "raw_path": b"/peak/upload",
+        "query_string": b"",
+        "headers": [(b"host", b"mint.example")],
+        "client": ("10.0.0.1", 5000),
+    }
+    await proxy(scope, receive, send)  # type: ignore[arg-type]
+    proxy.pool.close()
+
+    assert sent[0]["status"] == 200
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["body_len"] == len(b"part one, part two")
     assert header_values(plugin.app.seen[0], "transfer-encoding") == ["chunked"]
 
 

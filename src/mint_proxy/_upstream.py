@@ -300,8 +300,10 @@ class Connection(asyncio.Protocol):
 
     def _tick(self, now: float) -> None:
         waiter = self._waiter
-        if waiter is not None and now >= self._deadline and not waiter.done():
-            waiter.set_exception(UpstreamTimeout("the plugin did not answer within the route's read_timeout"))
+        if waiter is not None and now >= self._deadline:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_exception(UpstreamTimeout("the plugin did not answer within the route's read_timeout"))
         receive = self._client
         if receive is not None and now >= self._watch_at:
             self._client = None
@@ -340,29 +342,44 @@ class Connection(asyncio.Protocol):
         if self.closed and self.head is None:
             raise self._error or UpstreamUnavailable("the plugin closed the connection")
 
+    def wait(self, timeout: float) -> "asyncio.Future[None]":
+        """A future that completes when the exchange moves on, or fails after ``timeout`` seconds.
+
+        Raises the exchange's error instead, if it already has one. The proxy awaits
+        this directly (no coroutine in between: each await level costs on every resume).
+        """
+        if self._error is not None:
+            raise self._error
+        self._deadline = time.monotonic() + timeout
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
+
     async def read_head(self, timeout: float) -> ResponseHead:
         while self.head is None:
-            if self._error is not None:
-                raise self._error
-            await self._wait(timeout)
+            await self.wait(timeout)
         return self.head
+
+    def next_body(self) -> tuple[bytes, bool] | None:
+        """The next piece of body and whether more follows, or ``None`` if none has arrived yet."""
+        chunks = self._chunks
+        if chunks:
+            chunk = chunks.popleft() if len(chunks) == 1 else self._take_all()
+            self._buffered -= len(chunk)
+            if self._read_paused and self._buffered < LOW_WATER and self._transport is not None:
+                self._read_paused = False
+                self._transport.resume_reading()
+            return chunk, not self._complete
+        if self._complete:
+            return b"", False
+        if self._error is not None:
+            raise self._error
+        return None
 
     async def read_body(self, timeout: float) -> tuple[bytes, bool]:
         """Return the next piece of body and whether more follows."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                chunk = chunks.popleft() if len(chunks) == 1 else self._take_all()
-                self._buffered -= len(chunk)
-                if self._read_paused and self._buffered < LOW_WATER and self._transport is not None:
-                    self._read_paused = False
-                    self._transport.resume_reading()
-                return chunk, not (self._complete and not chunks)
-            if self._complete:
-                return b"", False
-            if self._error is not None:
-                raise self._error
-            await self._wait(timeout)
+        while (piece := self.next_body()) is None:
+            await self.wait(timeout)
+        return piece
 
     def _take_all(self) -> bytes:
         chunk = b"".join(self._chunks)
@@ -382,18 +399,12 @@ class Connection(asyncio.Protocol):
             and not self._chunks
         )
 
-    async def _wait(self, timeout: float) -> None:
-        self._deadline = time.monotonic() + timeout
-        waiter = self._waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def abort(self) -> None:
         """Close now, discarding buffers; used on errors and when the client goes away."""

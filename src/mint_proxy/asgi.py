@@ -195,15 +195,19 @@ class ProxyMiddleware:
         query: bytes = scope.get("query_string", b"")
         return raw + b"?" + query if query else raw
 
-    def proxy_lines(self, scope: Scope, route: Route, info: RequestInfo) -> bytes:
-        """Field lines the proxy adds after filtering: forwarding, Via, request id, token."""
+    def _plan(self, route: Route) -> "_Plan":
         plan = self._plans.get(route.prefix)
         if plan is None or plan.route is not route:
             plan = self._plans[route.prefix] = _Plan(route, self.mount_path)
+        return plan
+
+    def proxy_lines(self, scope: Scope, route: Route, info: RequestInfo) -> bytes:
+        """Field lines the proxy adds after filtering: forwarding, Via, request id, token."""
+        plan = self._plan(route)
         version: str = scope.get("http_version", "1.1")
         via = self._via_lines.get(version) or b"via: %s\r\n" % via_value(version, self._via_marker)
         lines = forwarded_lines(
-            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=plan.client_prefix
+            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=plan.prefix
         )
         lines += b"%sx-request-id: %s\r\n" % (via, info.request_id)
         if self.tokens is not None:
@@ -218,21 +222,137 @@ class ProxyMiddleware:
         return parse_field_lines(self.proxy_lines(scope, route, info))
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+        # One coroutine from the request to the last body chunk: every await level
+        # costs on each resume, so the hot path neither nests helpers nor awaits
+        # what has already arrived.
         started = time.perf_counter()
         request_id = b""
         status = 0
+        conn: Connection | None = None
+        released = False
         try:
-            info = inspect_request(
-                scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=self._via_marker
-            )
-            request_id = info.request_id
-            status = await self._forward(scope, receive, send, route, info)
-        except ProxyError as exc:
-            status = exc.status
-            if not request_id:
-                request_id = client_request_id(scope["headers"]) or new_request_id()
-            await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
+            try:
+                http_version: str = scope.get("http_version", "1.1")
+                info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via_marker)
+                request_id = info.request_id
+                method: str = scope["method"]
+                limit = route.max_body_bytes
+                if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
+                    # (HTTP/2 and 3 may carry a body without any framing header, RFC 9113 §8.1.)
+                    if limit is not None and info.content_length is not None and info.content_length > limit:
+                        raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                    message = await self._receive_body(receive)
+                    if message["type"] != "http.request":
+                        status = CLIENT_CLOSED
+                        return
+                    body: bytes = message.get("body", b"")
+                    more: bool = message.get("more_body", False)
+                else:
+                    # HTTP/1.x with neither Content-Length nor Transfer-Encoding has no body
+                    # (RFC 9112 §6.3); its empty body message is left for the client watcher.
+                    body, more = b"", False
+                received = len(body)
+                if limit is not None and received > limit:
+                    raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+
+                lines = field_lines(info.headers) + self.proxy_lines(scope, route, info)
+                if info.host is None:
+                    lines += b"host: %s\r\n" % _authority(route)
+                chunked = info.content_length is None and (info.chunked or more)
+                if chunked:
+                    lines += b"transfer-encoding: chunked\r\n"
+                    if body:
+                        body = b"%x\r\n%s\r\n" % (len(body), body)
+                    if not more:
+                        body += b"0\r\n\r\n"
+                elif info.content_length is not None or body:
+                    length = len(body) if info.content_length is None else info.content_length
+                    lines += b"content-length: %d\r\n" % length
+                target = self.upstream_target(scope, route)
+                request = b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body)
+
+                timeout = route.read_timeout
+                conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
+                    route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
+                )
+                conn.begin(head_request=method == "HEAD")
+                conn.write(request)
+                while more:
+                    if conn.head is not None:
+                        break  # the plugin answered early: stop sending, relay its answer
+                    message = await self._receive_body(receive)
+                    if message["type"] != "http.request":
+                        status = CLIENT_CLOSED
+                        return
+                    chunk: bytes = message.get("body", b"")
+                    more = message.get("more_body", False)
+                    received += len(chunk)
+                    if limit is not None and received > limit:
+                        raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                    if chunked:
+                        last = b"\r\n" if more else b"\r\n0\r\n\r\n"
+                        conn.writelines([b"%x\r\n" % len(chunk), chunk, last] if chunk else [last[2:]])
+                    elif chunk:
+                        conn.write(chunk)
+                    await conn.drain()
+                conn.request_complete = not more
+                conn.watch_client(receive)
+                try:
+                    while conn.head is None:
+                        await conn.wait(timeout)
+                except UpstreamUnavailable:
+                    if conn.client_gone or not _may_retry(conn, method):
+                        raise
+                    conn.abort()
+                    conn = await self.pool.connect(
+                        route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
+                    )
+                    conn.begin(head_request=method == "HEAD")
+                    conn.write(request)
+                    conn.request_complete = True
+                    conn.watch_client(receive)
+                    while conn.head is None:
+                        await conn.wait(timeout)
+                head = conn.head
+
+                plan = self._plan(route)
+                headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
+                if head.content_length is not None:
+                    headers.append((b"content-length", b"%d" % head.content_length))
+                await send({"type": "http.response.start", "status": head.status, "headers": headers})
+            except ProxyError as exc:
+                if conn is not None:
+                    conn.abort()
+                    if conn.client_gone:
+                        status = CLIENT_CLOSED
+                        return
+                status = exc.status
+                if not request_id:
+                    request_id = client_request_id(scope["headers"]) or new_request_id()
+                await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
+                return
+
+            # The response has started. From here a failure aborts the client's connection
+            # instead of finishing it, so a truncated body never looks complete.
+            status = head.status
+            try:
+                more = True
+                while more:
+                    piece = conn.next_body()
+                    if piece is None:
+                        await conn.wait(timeout)
+                        continue
+                    chunk, more = piece
+                    if not more:
+                        self.pool.release(conn)
+                        released = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            except ProxyError as exc:
+                logger.warning("aborted response %s: %s", request_id.decode(), exc.detail)
+                status = CLIENT_CLOSED if conn.client_gone else exc.status
         finally:
+            if conn is not None and not released:
+                conn.abort()
             log_access(request_id, scope, route.plugin, status, started)
 
     async def _receive_body(self, receive: Receive) -> Message:
@@ -243,115 +363,16 @@ class ProxyMiddleware:
         except TimeoutError:
             raise RequestTimeout("the client stopped sending the request body") from None
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, route: Route, info: RequestInfo) -> int:
-        method: str = scope["method"]
-        limit = route.max_body_bytes
-        if limit is not None and info.content_length is not None and info.content_length > limit:
-            raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-        message = await self._receive_body(receive) if info.content_length or info.chunked else await receive()
-        if message["type"] != "http.request":
-            return CLIENT_CLOSED
-        body: bytes = message.get("body", b"")
-        more: bool = message.get("more_body", False)
-        received = len(body)
-        if limit is not None and received > limit:
-            raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-
-        lines = field_lines(info.headers) + self.proxy_lines(scope, route, info)
-        if info.host is None:
-            lines += b"host: %s\r\n" % _authority(route)
-        chunked = info.content_length is None and (info.chunked or more)
-        if chunked:
-            lines += b"transfer-encoding: chunked\r\n"
-            if body:
-                body = b"%x\r\n%s\r\n" % (len(body), body)
-            if not more:
-                body += b"0\r\n\r\n"
-        elif info.content_length is not None or body:
-            lines += b"content-length: %d\r\n" % (len(body) if info.content_length is None else info.content_length)
-        target = self.upstream_target(scope, route)
-        request = b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body)
-
-        conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
-            route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
-        )
-        conn.begin(head_request=method == "HEAD")
-        released = False
-        try:
-            conn.write(request)
-            while more:
-                if conn.head is not None:
-                    break  # the plugin answered early: stop sending, relay its answer
-                message = await self._receive_body(receive)
-                if message["type"] != "http.request":
-                    return CLIENT_CLOSED
-                chunk: bytes = message.get("body", b"")
-                more = message.get("more_body", False)
-                received += len(chunk)
-                if limit is not None and received > limit:
-                    raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-                if chunked:
-                    last = b"\r\n" if more else b"\r\n0\r\n\r\n"
-                    conn.writelines([b"%x\r\n" % len(chunk), chunk, last] if chunk else [last[2:]])
-                elif chunk:
-                    conn.write(chunk)
-                await conn.drain()
-            conn.request_complete = not more
-            conn.watch_client(receive)
-            try:
-                head = await conn.read_head(route.read_timeout)
-            except UpstreamUnavailable:
-                if conn.client_gone or not _may_retry(conn, method):
-                    raise
-                conn.abort()
-                conn = await self.pool.connect(
-                    route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
-                )
-                conn.begin(head_request=method == "HEAD")
-                conn.write(request)
-                conn.request_complete = True
-                conn.watch_client(receive)
-                head = await conn.read_head(route.read_timeout)
-
-            client_prefix = self.mount_path + route.prefix if route.strip_prefix else ""
-            headers = filter_response(
-                head.headers, request_id=info.request_id, route=route, client_prefix=client_prefix
-            )
-            if head.content_length is not None:
-                headers.append((b"content-length", b"%d" % head.content_length))
-            await send({"type": "http.response.start", "status": head.status, "headers": headers})
-            try:
-                more = True
-                while more:
-                    chunk, more = await conn.read_body(route.read_timeout)
-                    if not more:
-                        self.pool.release(conn)
-                        released = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
-            except ProxyError as exc:
-                # The response has started: abort the client's connection instead of
-                # finishing it, so a truncated body never looks complete.
-                logger.warning("aborted response %s: %s", info.request_id.decode(), exc.detail)
-                return CLIENT_CLOSED if conn.client_gone else exc.status
-            return head.status
-        except ProxyError:
-            if conn.client_gone:
-                return CLIENT_CLOSED
-            raise
-        finally:
-            if not released:
-                conn.abort()
-
 
 class _Plan:
     """What the proxy works out once per route rather than once per request."""
 
-    __slots__ = ("route", "client_prefix", "token", "token_line")
+    __slots__ = ("route", "prefix", "token", "token_line")
 
     def __init__(self, route: Route, mount_path: str) -> None:
         self.route = route
         # What the client's path has in front of the plugin's: mount_path + prefix when stripped.
-        self.client_prefix = mount_path + route.prefix if route.strip_prefix else ""
+        self.prefix = mount_path + route.prefix if route.strip_prefix else ""
         self.token: str | None = None
         self.token_line = b""
 
