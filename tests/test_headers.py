@@ -4,8 +4,10 @@ import re
 
 import pytest
 
-from mint_proxy.errors import BadRequest, LoopDetected
+from mint_proxy.errors import BadRequest, HeadersTooLarge, LoopDetected
 from mint_proxy.headers import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     RequestInfo,
     client_request_id,
     filter_response,
@@ -122,8 +124,24 @@ def test_proxy_owned_request_header_is_not_forwarded(name: bytes) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [b"x_custom", b"x.custom", b"X-Custom", b"x-forwarded", b"x-request-ids", b"x_mint_internal"],
-    ids=["underscore", "dot", "mixed-case", "x-forwarded-without-suffix", "request-id-lookalike", "token-prefix"],
+    [
+        b"x_custom",
+        b"x.custom",
+        b"X-Custom",
+        b"x-forwarded",
+        b"x-request-ids",
+        b"x_mint_internal",
+        b"my-x-forwarded-for",
+    ],
+    ids=[
+        "underscore",
+        "dot",
+        "mixed-case",
+        "x-forwarded-without-suffix",
+        "request-id-lookalike",
+        "token-prefix",
+        "x-forwarded-inside-the-name",
+    ],
 )
 def test_header_that_only_looks_like_an_alias_is_kept(name: bytes) -> None:
     assert inspect([HOST, (name, b"v")]).headers == [HOST, (name, b"v")]
@@ -142,6 +160,31 @@ def test_end_to_end_headers_are_kept_in_order_with_repeats() -> None:
     ]
 
     assert inspect(raw).headers == raw
+
+
+def _headers_of_total_size(count: int, total: int) -> Headers:
+    """``count`` headers, Host first, whose names and values add up to ``total`` bytes."""
+    raw = [HOST] + [(b"x-h%d" % i, b"") for i in range(1, count)]
+    used = sum(len(name) + len(value) for name, value in raw)
+    return [*raw[:-1], (raw[-1][0], raw[-1][1] + b"v" * (total - used))]
+
+
+@pytest.mark.parametrize("count", [1, 2, 9, MAX_HEADERS])
+def test_headers_up_to_the_size_limit_are_accepted(count: int) -> None:
+    raw = _headers_of_total_size(count, MAX_HEADER_BYTES)
+
+    assert inspect(raw).headers == raw
+
+
+@pytest.mark.parametrize("count", [1, 2, 9, MAX_HEADERS])
+def test_headers_over_the_size_limit_are_too_large(count: int) -> None:
+    with pytest.raises(HeadersTooLarge, match="larger than"):
+        inspect(_headers_of_total_size(count, MAX_HEADER_BYTES + 1))
+
+
+def test_more_than_the_maximum_number_of_headers_is_too_large() -> None:
+    with pytest.raises(HeadersTooLarge, match="more than"):
+        inspect([HOST] + [KEPT] * MAX_HEADERS)
 
 
 # --- inspect_request: request id ---------------------------------------------------------------

@@ -173,6 +173,15 @@ def test_invalid_header_line_is_an_error(lines: bytes) -> None:
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3", False, LENGTH, 3, id="cl-identical-headers"
         ),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 007", False, LENGTH, 7, id="cl-leading-zeros"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: \t13 \t", False, LENGTH, 13, id="cl-padded"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 13", False, LENGTH, 13, id="cl-uppercase-name"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 18, False, LENGTH, int("1" * 18), id="cl-18-digits"
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive", False, LENGTH, 3, id="cl-and-connection"
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-Content-Length: 3", False, UNTIL_CLOSE, None, id="cl-lookalike-name"),
         # chunked, any case
         pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", False, CHUNKED, None, id="te-chunked"),
         pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked", False, CHUNKED, None, id="te-capitalised"),

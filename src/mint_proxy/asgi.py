@@ -160,16 +160,13 @@ class ProxyMiddleware:
         return self._route(path)
 
     def _route(self, path: str) -> Route | None:
-        relative = self._relative(path)
-        return None if relative is None else self.routes.match(relative)
-
-    def _relative(self, path: str) -> str | None:
+        """The route for ``path`` relative to ``mount_path`` (``None`` outside it)."""
         mount = self.mount_path
-        if not mount:
-            return path
-        if path.startswith(mount) and (len(path) == len(mount) or path[len(mount)] == "/"):
-            return path[len(mount) :]
-        return None
+        if mount:
+            if not path.startswith(mount) or (len(path) != len(mount) and path[len(mount)] != "/"):
+                return None
+            path = path[len(mount) :]
+        return self.routes.match(path)
 
     async def _refuse(self, scope: Scope, send: Send, error: ProxyError, plugin: str = "-") -> None:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
