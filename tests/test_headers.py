@@ -1,14 +1,17 @@
 """Request and response header rules (tier 1: pure functions over raw ASGI header lists)."""
 
 import re
+from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
 from mint_proxy.errors import BadRequest, HeadersTooLarge, LoopDetected
 from mint_proxy.headers import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     RequestInfo,
+    _filter_response_fully,
     client_request_id,
     filter_response,
     forwarded_lines,
@@ -571,6 +574,28 @@ def test_response_location_is_rewritten() -> None:
     headers = filter_([(b"location", b"http://127.0.0.1:8005/done")], route=route, client_prefix="/api/peak")
 
     assert headers == [(b"location", b"/api/peak/done"), (b"x-request-id", OUR_ID)]
+
+
+_RESPONSE_NAMES = [
+    b"content-type", b"set-cookie", b"date", b"server", b"content-length", b"connection", b"keep-alive",
+    b"location", b"x-request-id", b"x_request_id", b"x.mint.internal.token", b"x-foo", b"x_custom", b"etag",
+]  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_RESPONSE_NAMES),
+            st.sampled_from([b"1", b"x-foo", b"close, etag", b"/moved", b"http://127.0.0.1:8005/x"]),
+        ),
+        max_size=8,
+    )
+)
+def test_response_filter_one_pass_agrees_with_the_full_rules(raw: Headers) -> None:
+    """The common-case single pass of ``filter_response`` is an optimisation, never a different rule."""
+    options: dict[str, Any] = {"request_id": OUR_ID, "route": ROUTE, "client_prefix": ""}
+
+    assert filter_response(raw, **options) == _filter_response_fully(raw, **options)
 
 
 # --- rewrite_location --------------------------------------------------------------------------

@@ -62,7 +62,10 @@ from .tokens import TokenIssuer
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_RAW_PATH = re.compile(rb"/[\x21-\x22\x24-\x3e\x40-\x7e]*")  # printable ASCII without '#', '?'
+# The request target's path: printable ASCII without '#' and '?'. ``translate`` maps every
+# other byte to '/', which differs from it, so ``raw.translate(_PATH_TABLE) == raw`` is the
+# check (one C loop, no regex).
+_PATH_TABLE = bytes(b if 0x21 <= b <= 0x7E and b not in b"#?" else 0x2F for b in range(256))
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
 
 
@@ -180,7 +183,7 @@ class ProxyMiddleware:
     def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
         raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
-        if not _RAW_PATH.fullmatch(raw):
+        if raw[:1] != b"/" or raw.translate(_PATH_TABLE) != raw:
             raise BadRequest("the request target must be a path of printable ASCII characters")
         if route.strip_prefix:
             raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))

@@ -298,6 +298,27 @@ def filter_response(
     raw: list[tuple[bytes, bytes]], *, request_id: bytes, route: Route, client_prefix: str
 ) -> list[tuple[bytes, bytes]]:
     """Remove hop-by-hop, framing and internal headers; set the request id; map ``Location``."""
+    # The usual response needs one pass: drop the fixed set, keep the rest as is. A
+    # Connection header (its tokens name more headers to drop, possibly ones already
+    # kept), a Location, or a name with '_' or '.' (an alias of an internal header)
+    # sends it through the full rules below instead.
+    out: list[tuple[bytes, bytes]] = []
+    for item in raw:
+        name = item[0]
+        if name in _DROP_FROM_RESPONSE:
+            if name == b"connection":
+                return _filter_response_fully(raw, request_id=request_id, route=route, client_prefix=client_prefix)
+        elif name == b"location" or b"_" in name or b"." in name:
+            return _filter_response_fully(raw, request_id=request_id, route=route, client_prefix=client_prefix)
+        else:
+            out.append(item)
+    out.append((REQUEST_ID_HEADER, request_id))
+    return out
+
+
+def _filter_response_fully(
+    raw: list[tuple[bytes, bytes]], *, request_id: bytes, route: Route, client_prefix: str
+) -> list[tuple[bytes, bytes]]:
     connection_tokens: set[bytes] = set()
     for name, value in raw:
         if name == b"connection":
