@@ -29,6 +29,7 @@ class _Upstream(asyncio.Protocol):
     transport: asyncio.Transport
 
     def __init__(self) -> None:
+        self.closed = False
         self.buffer = b""
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
 
@@ -51,6 +52,7 @@ class _Upstream(asyncio.Protocol):
             waiter.set_result((status, body))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True  # the backend closes idle keep-alive connections after 5 s
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionError("upstream closed"))
@@ -66,6 +68,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return  # lifespan and websockets: not supported; uvicorn carries on without lifespan
     loop = asyncio.get_running_loop()
+    while _idle and _idle[-1].closed:
+        _idle.pop()
     conn = _idle.pop() if _idle else (await loop.create_connection(_Upstream, _HOST, int(_PORT)))[1]
     conn.waiter = loop.create_future()
     query = scope["query_string"]
