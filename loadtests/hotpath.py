@@ -1,0 +1,151 @@
+"""mint_proxy's own cost per request, without sockets: the A/B tool for hot-path changes.
+
+The proxy runs in-process against an in-memory upstream (a fake transport that answers every
+request with the same response on the next loop iteration), fed hand-built ASGI scopes. What
+is left is mint_proxy's code plus the event loop's futures: no uvicorn, no syscalls, no other
+process. On a shared machine the wall-clock figure still moves by a few percent; the
+instruction count (``--callgrind``, needs valgrind) does not, so two versions of the code
+can be compared exactly::
+
+    taskset -c 1 .venv/bin/python -m loadtests.hotpath              # µs per request, best of 5
+    .venv/bin/python -m loadtests.hotpath --callgrind               # instructions per request
+
+The request is wrk's (``Host`` only) and the response the benchmark backend's (uvicorn's Date and
+Server, Content-Type, Content-Length, 13 bytes), so the numbers describe the benchmark's exchange.
+"""
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, MutableMapping, Sequence
+from typing import Any
+
+from mint_proxy import ProxyMiddleware, TokenIssuer
+from mint_proxy._upstream import Connection
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\ndate: Tue, 01 Dec 2026 08:00:00 GMT\r\nserver: uvicorn\r\n"
+    b"content-type: text/plain\r\ncontent-length: 13\r\n\r\nHello, world!"
+)
+WARMUP = 2000
+
+
+class _EchoTransport:
+    """Answers each write with ``RESPONSE``, delivered to the connection on the next loop iteration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
+        self.loop = loop
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self.conn.data_received, RESPONSE)
+
+    def writelines(self, data: Sequence[bytes]) -> None:
+        self.write(b"")
+
+    def abort(self) -> None:
+        raise RuntimeError("the hot path aborted its upstream connection")
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8000")],
+        "state": {},
+        "method": "GET",
+        "path": "/bench/small",
+        "raw_path": b"/bench/small",
+        "query_string": b"",
+    }
+
+
+async def run(requests: int) -> float:
+    """Proxy ``requests`` GETs after a warm-up; return the seconds they took."""
+    loop = asyncio.get_running_loop()
+    proxy = ProxyMiddleware(None, routes={"/bench": "http://127.0.0.1:8001"}, tokens=TokenIssuer("x" * 48))
+    route = proxy.routes.match("/bench/small")
+    if route is None:
+        raise RuntimeError("the bench route does not match")
+    conn = Connection(proxy.pool, route.upstream)
+    conn.connection_made(_EchoTransport(loop, conn))  # type: ignore[arg-type]
+    conn.request_complete = True
+    conn.idle_since = time.monotonic()
+    proxy.pool._idle[route.upstream.address] = [conn]
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for _ in range(WARMUP):
+        await proxy(_scope(), receive, send)
+    began = time.perf_counter()
+    for _ in range(requests):
+        await proxy(_scope(), receive, send)
+    elapsed = time.perf_counter() - began
+    if statuses != [200] * (WARMUP + requests) or proxy.pool.idle_count() != 1:
+        raise RuntimeError("the hot path did not answer every request with 200 on one pooled connection")
+    return elapsed
+
+
+def _instructions(requests: int) -> int:
+    """Instructions valgrind counts for the whole process with ``requests`` measured requests."""
+    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    argv += [sys.executable, "-m", "loadtests.hotpath", "--requests", str(requests), "--once"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
+    for line in out.stderr.splitlines():
+        if "refs:" in line:
+            return int(line.rsplit(None, 1)[-1].replace(",", ""))
+    raise RuntimeError(f"no instruction count in valgrind's output:\n{out.stderr[-2000:]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.hotpath", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50_000, help="measured requests per run (default 50000)")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions per request with valgrind")
+    parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    runner: Callable[[Coroutine[Any, Any, float]], float] = asyncio.run
+    try:
+        import uvloop  # the loop the benchmark's uvicorn runs (it comes with uvicorn[standard])
+
+        runner = uvloop.run
+    except ImportError:
+        pass
+    if args.once:
+        runner(run(args.requests))
+        return 0
+    if args.callgrind:
+        if shutil.which("valgrind") is None:
+            print("error: valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
+            return 2
+        # Two runs that differ only in the number of measured requests: start-up cancels out.
+        small, large = 1000, 1000 + args.requests // 10
+        per_request = (_instructions(large) - _instructions(small)) / (large - small)
+        print(f"instructions per request: {per_request:,.0f}")
+        return 0
+    best = min(runner(run(args.requests)) for _ in range(5))
+    print(f"µs per request (best of 5 × {args.requests}): {best / args.requests * 1e6:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
