@@ -149,8 +149,11 @@ class Connection(asyncio.Protocol):
             self._feed_body(data)
         elif self._state == _HEAD:
             self.received_any = True
-            searched = max(len(self._buf) - 3, 0)  # never rescan what was already searched
-            self._feed_head(self._buf + data if self._buf else data, searched)
+            buf = self._buf
+            if buf:
+                self._feed_head(buf + data, max(len(buf) - 3, 0))  # never rescan what was already searched
+            else:
+                self._feed_head(data)
         else:
             # Bytes when no response is due: a plugin bug or a late body. Never reuse.
             self._clean = False
@@ -184,10 +187,21 @@ class Connection(asyncio.Protocol):
             # 1xx interim responses (100, 102, 103) are not forwarded; read on.
         self._buf = b""
         self.head = head
-        self._state = _BODY
         self._framing = head.framing
         if head.framing == LENGTH:
-            self._remaining = head.content_length or 0
+            remaining = head.content_length or 0
+            if len(data) == remaining:
+                # The usual small response: the whole body came with the head. Complete the
+                # exchange in one step (what _feed_body, _push and _finish would do, one wake-up).
+                self._state = _DONE
+                self._complete = True
+                if data:
+                    self._chunks.append(data)
+                    self._buffered += remaining
+                self._wake()
+                return
+            self._remaining = remaining
+        self._state = _BODY
         self._chunk_state = _SIZE
         if head.framing == NO_BODY or (head.framing == LENGTH and self._remaining == 0):
             self._finish()

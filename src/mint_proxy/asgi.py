@@ -203,7 +203,10 @@ class ProxyMiddleware:
 
     def proxy_lines(self, scope: Scope, route: Route, info: RequestInfo) -> bytes:
         """Field lines the proxy adds after filtering: forwarding, Via, request id, token."""
-        plan = self._plan(route)
+        return self._proxy_lines(scope, self._plan(route), info)
+
+    def _proxy_lines(self, scope: Scope, plan: "_Plan", info: RequestInfo) -> bytes:
+        route = plan.route
         version: str = scope.get("http_version", "1.1")
         via = self._via_lines.get(version) or b"via: %s\r\n" % via_value(version, self._via_marker)
         lines = forwarded_lines(
@@ -255,7 +258,8 @@ class ProxyMiddleware:
                 if limit is not None and received > limit:
                     raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
 
-                lines = field_lines(info.headers) + self.proxy_lines(scope, route, info)
+                plan = self._plan(route)
+                lines = field_lines(info.headers) + self._proxy_lines(scope, plan, info)
                 if info.host is None:
                     lines += b"host: %s\r\n" % _authority(route)
                 chunked = info.content_length is None and (info.chunked or more)
@@ -315,7 +319,6 @@ class ProxyMiddleware:
                         await conn.wait(timeout)
                 head = conn.head
 
-                plan = self._plan(route)
                 headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
                 if head.content_length is not None:
                     headers.append((b"content-length", b"%d" % head.content_length))
