@@ -8,8 +8,11 @@ cost per request.
 
 * ``Connection`` is an ``asyncio.Protocol``. ``data_received`` parses the
   response as bytes arrive (``_http11`` does the strict parsing) and queues
-  body chunks; the proxy's task pulls them with ``read_head``/``read_body``.
-  Nothing is ever joined into a whole body: chunks are passed on as they came.
+  body chunks; the proxy's task waits with ``wait`` (a bare future, no coroutine
+  in between) and takes them with ``next_body`` (``read_head``/``read_body``
+  wrap the two). Nothing is ever joined into a whole body: a chunk is passed on
+  as it came, and chunks that queued up while the client was slower (never more
+  than ``HIGH_WATER`` bytes) go out joined in one send.
 * Flow control both ways. Upstream to client: once more than ``HIGH_WATER``
   bytes are queued, reading from the plugin pauses until the client side has
   taken them (the ASGI ``send`` awaits the client's socket). Client to upstream:
