@@ -179,7 +179,7 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
         host = value_list[name_list.index(b"host")]
         if not _HOST_VALUE.fullmatch(host):
             raise BadRequest("the Host header is not a host[:port]")
-        return RequestInfo(list(raw), _id_pool.pop() if _id_pool else new_request_id(), host, None, False)
+        return RequestInfo(list(raw), new_request_id(), host, None, False)
 
     kept: list[tuple[bytes, bytes]] = []
     hosts: list[bytes] = []
