@@ -10,7 +10,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import httpx
@@ -762,3 +762,83 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# -- lifespan ------------------------------------------------------------------
+
+
+async def no_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    """A platform that does not speak lifespan: it returns at once."""
+    if scope["type"] == "http":
+        await fallback_app(scope, receive, send)
+
+
+async def startup_only(scope: Any, receive: Any, send: Any) -> None:
+    """A platform that answers startup, then returns without waiting for shutdown."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+    else:
+        await fallback_app(scope, receive, send)
+
+
+async def full_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+    else:
+        await fallback_app(scope, receive, send)
+
+
+@pytest.mark.parametrize("app", [None, no_lifespan, startup_only, full_lifespan])
+def test_pooled_connections_are_closed_at_shutdown_whatever_the_app_does_with_lifespan(
+    plugin: PluginServer, app: Any, http: str
+) -> None:
+    middleware = ProxyMiddleware(app, routes={"/peak": plugin.url}, tokens=TokenIssuer(SECRET))
+    with serve(middleware, http=http, lifespan="auto") as running:
+        assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
+        if app is not None:
+            assert httpx.get(running.url + "/platform", timeout=10).json() == {"platform": "/platform"}
+        assert middleware.pool.idle_count() == 1
+    assert middleware.pool.idle_count() == 0
+
+
+async def failing_startup(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+
+async def shutdown_unanswered(scope: Any, receive: Any, send: Any) -> None:
+    """Answers startup, takes the shutdown message and returns without answering it."""
+    await receive()
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+
+
+@pytest.mark.parametrize(
+    ("app", "answers"),
+    [
+        (None, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (no_lifespan, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (startup_only, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (shutdown_unanswered, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (full_lifespan, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (failing_startup, ["lifespan.startup.failed"]),
+    ],
+)
+async def test_the_middleware_answers_only_what_the_app_left_unanswered(app: Any, answers: list[str]) -> None:
+    """Each lifespan message gets exactly one answer; a failed startup stays failed."""
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message["type"])
+
+    middleware = ProxyMiddleware(app, routes={"/peak": "http://127.0.0.1:9"})
+    await asyncio.wait_for(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send), 5)
+    assert sent == answers

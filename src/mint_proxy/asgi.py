@@ -131,20 +131,38 @@ class ProxyMiddleware:
             await self._refuse(scope, send, NotFound("no route matches this path"))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass lifespan through to the app; close idle upstream connections at shutdown."""
+        """Pass lifespan through to the app; close idle upstream connections at shutdown.
+
+        An app that returns without finishing the protocol (``if scope["type"] != "http":
+        return`` is the usual way to not speak lifespan) leaves the rest to the middleware,
+        which answers what is left, so the pool is still closed at shutdown. An app that
+        raises is left to the server (uvicorn's ``--lifespan auto`` then carries on without
+        lifespan, ``on`` stops): the middleware cannot tell "unsupported" from "broken".
+        """
+        unanswered: Message | None = None  # what the app received and returned without answering
+        answered = ""
+
+        async def receive_noting() -> Message:
+            nonlocal unanswered
+            unanswered = await receive()
+            return unanswered
 
         async def send_closing_pool(message: Message) -> None:
+            nonlocal unanswered, answered
             if message["type"].startswith("lifespan.shutdown."):
                 self.pool.close()
+            unanswered, answered = None, message["type"]
             await send(message)
 
         if self.app is not None:
-            await self.app(scope, receive, send_closing_pool)
-            return
+            await self.app(scope, receive_noting, send_closing_pool)
+            if answered.startswith(("lifespan.shutdown.", "lifespan.startup.failed")):
+                return
         while True:
-            message = await receive()
+            message = unanswered or await receive()
+            unanswered = None
             if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
+                await send_closing_pool({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send_closing_pool({"type": "lifespan.shutdown.complete"})
                 return
