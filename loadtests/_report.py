@@ -94,12 +94,13 @@ def summarize(results: Sequence[RoundResult], targets: Sequence[str]) -> list[Su
         for key, rel in RELATIVE_METRICS.items():
             values[key] = _median([rel(r, direct[r.round]) for r in rows if r.round in direct])
         summaries.append(Summary(name, len(rows), values))
-    nginx = next((s for s in summaries if s.target == "nginx"), None)
-    nginx_added = nginx.values["added_p50_us"] if nginx else None
-    for summary in summaries:
-        summary.values["added_p50_vs_nginx"] = (
-            _ratio(summary.values["added_p50_us"], nginx_added) if nginx_added and nginx_added > 0 else None
-        )
+    for reference in ("nginx", "asgi_floor"):
+        found = next((s for s in summaries if s.target == reference), None)
+        added = found.values["added_p50_us"] if found else None
+        for summary in summaries:
+            summary.values[f"added_p50_vs_{reference}"] = (
+                _ratio(summary.values["added_p50_us"], added) if added and added > 0 else None
+            )
     return summaries
 
 
@@ -152,7 +153,15 @@ def render(
     out = ["# mint_proxy benchmark", "", *(f"- {line}" for line in meta), ""]
     out += ["## Latency at 1 connection (small GET, `wrk -t1 -c1`)", ""]
     out += _table(
-        ["target", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "added p50 ÷ nginx's (goal ≤ 1.3)"],
+        [
+            "target",
+            "p50 µs",
+            "p99 µs",
+            "added p50 µs",
+            "added p99 µs",
+            "added p50 ÷ nginx's (goal ≤ 1.3)",
+            "added p50 ÷ asgi_floor's",
+        ],
         [
             [
                 s.target,
@@ -161,6 +170,7 @@ def render(
                 _fmt(s.values["added_p50_us"]) if s.target != "direct" else "—",
                 _fmt(s.values["added_p99_us"]) if s.target != "direct" else "—",
                 _fmt(s.values["added_p50_vs_nginx"], 2) if s.target not in ("direct", "nginx") else "—",
+                _fmt(s.values["added_p50_vs_asgi_floor"], 2) if s.target.startswith("mint_proxy") else "—",
             ]
             for s in summaries
         ],

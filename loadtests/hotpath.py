@@ -9,6 +9,11 @@ can be compared exactly::
 
     taskset -c 1 .venv/bin/python -m loadtests.hotpath              # µs per request, best of 5
     .venv/bin/python -m loadtests.hotpath --callgrind               # instructions per request
+    .venv/bin/python -m loadtests.hotpath --callgrind --floor       # the same for loadtests.floor
+
+``--floor`` runs ``loadtests/floor.py``'s forwarder in the same harness: the event loop's futures
+and a minimal exchange, none of mint_proxy's rules. The difference is what mint_proxy's own work
+costs per request.
 
 The request is wrk's (``Host`` only) and the response the benchmark backend's (uvicorn's Date and
 Server, Content-Type, Content-Length, 13 bytes), so the numbers describe the benchmark's exchange.
@@ -106,10 +111,50 @@ async def run(requests: int) -> float:
     return elapsed
 
 
-def _instructions(requests: int) -> int:
+async def run_floor(requests: int) -> float:
+    """``run`` for ``loadtests.floor``'s forwarder, on the same in-memory upstream and scope."""
+    from loadtests import floor
+
+    loop = asyncio.get_running_loop()
+    conn = floor._Upstream()
+    conn.connection_made(_FloorTransport(loop, conn))  # type: ignore[arg-type]
+    floor._idle[:] = [conn]
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for _ in range(WARMUP):
+        await floor.app(_scope(), receive, send)
+    began = time.perf_counter()
+    for _ in range(requests):
+        await floor.app(_scope(), receive, send)
+    elapsed = time.perf_counter() - began
+    if statuses != [200] * (WARMUP + requests) or floor._idle != [conn]:
+        raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
+    return elapsed
+
+
+class _FloorTransport:
+    """``_EchoTransport`` for the floor's protocol."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: asyncio.Protocol) -> None:
+        self.loop = loop
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self.conn.data_received, RESPONSE)
+
+
+def _instructions(requests: int, *, floor: bool) -> int:
     """Instructions valgrind counts for the whole process with ``requests`` measured requests."""
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     argv += [sys.executable, "-m", "loadtests.hotpath", "--requests", str(requests), "--once"]
+    argv += ["--floor"] if floor else []
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
     for line in out.stderr.splitlines():
         if "refs:" in line:
@@ -121,8 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.hotpath", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50_000, help="measured requests per run (default 50000)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions per request with valgrind")
+    parser.add_argument("--floor", action="store_true", help="measure loadtests.floor instead of mint_proxy")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    measure = run_floor if args.floor else run
     runner: Callable[[Coroutine[Any, Any, float]], float] = asyncio.run
     try:
         import uvloop  # the loop the benchmark's uvicorn runs (it comes with uvicorn[standard])
@@ -131,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     if args.once:
-        runner(run(args.requests))
+        runner(measure(args.requests))
         return 0
     if args.callgrind:
         if shutil.which("valgrind") is None:
@@ -139,10 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         # Two runs that differ only in the number of measured requests: start-up cancels out.
         small, large = 1000, 1000 + args.requests // 10
-        per_request = (_instructions(large) - _instructions(small)) / (large - small)
+        per_request = (_instructions(large, floor=args.floor) - _instructions(small, floor=args.floor)) / (
+            large - small
+        )
         print(f"instructions per request: {per_request:,.0f}")
         return 0
-    best = min(runner(run(args.requests)) for _ in range(5))
+    best = min(runner(measure(args.requests)) for _ in range(5))
     print(f"µs per request (best of 5 × {args.requests}): {best / args.requests * 1e6:.2f}")
     return 0
 

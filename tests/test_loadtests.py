@@ -10,3 +10,9 @@ def test_hotpath_harness_answers_every_request_on_one_pooled_connection() -> Non
     elapsed = asyncio.run(hotpath.run(200))
 
     assert elapsed > 0
+
+
+def test_hotpath_floor_harness_answers_every_request_on_one_pooled_connection() -> None:
+    elapsed = asyncio.run(hotpath.run_floor(200))
+
+    assert elapsed > 0
