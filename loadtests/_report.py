@@ -26,6 +26,7 @@ class RoundResult:
     rps16: float | None = None
     rps64: float | None = None
     proxy_cpu_us: float | None = None
+    proxy_cpu1_us: float | None = None  # at 1 connection: why the latency is what it is
     backend_cpu_us: float | None = None
     get_mbps: float | None = None
     post_mbps: float | None = None
@@ -51,6 +52,7 @@ DIRECT_METRICS: dict[str, Getter] = {
     "rps16": lambda r: r.rps16,
     "rps64": lambda r: r.rps64,
     "proxy_cpu_us": lambda r: r.proxy_cpu_us,
+    "proxy_cpu1_us": lambda r: r.proxy_cpu1_us,
     "backend_cpu_us": lambda r: r.backend_cpu_us,
     "get_mbps": lambda r: r.get_mbps,
     "post_mbps": lambda r: r.post_mbps,
@@ -161,6 +163,7 @@ def render(
             "added p99 µs",
             "added p50 ÷ nginx's (goal ≤ 1.3)",
             "added p50 ÷ asgi_floor's",
+            "proxy CPU µs/req @1",
         ],
         [
             [
@@ -171,6 +174,7 @@ def render(
                 _fmt(s.values["added_p99_us"]) if s.target != "direct" else "—",
                 _fmt(s.values["added_p50_vs_nginx"], 2) if s.target not in ("direct", "nginx") else "—",
                 _fmt(s.values["added_p50_vs_asgi_floor"], 2) if s.target.startswith("mint_proxy") else "—",
+                _fmt(s.values["proxy_cpu1_us"], 1),
             ]
             for s in summaries
         ],

@@ -197,9 +197,14 @@ class _Run:
         return result
 
     def _latency(self, target: Target, result: RoundResult) -> None:
+        proxy_pids = target.proxy_pids()
+        proxy_before = cpu_seconds(proxy_pids)
         run = self.wrk(target, 1, self.opts.duration)
+        proxy_after = cpu_seconds(proxy_pids)
         self._note(result, "c1", run)
         result.p50_us, result.p99_us = run.p50_us, run.p99_us
+        if run.requests and proxy_pids:
+            result.proxy_cpu1_us = (proxy_after - proxy_before) * 1e6 / run.requests
 
     def _throughput(self, target: Target, result: RoundResult) -> None:
         run = self.wrk(target, 16, self.opts.duration)
