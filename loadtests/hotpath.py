@@ -41,7 +41,7 @@ WARMUP = 2000
 class _EchoTransport:
     """Answers each write with ``RESPONSE``, delivered to the connection on the next loop iteration."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: asyncio.Protocol) -> None:
         self.loop = loop
         self.conn = conn
 
@@ -117,7 +117,7 @@ async def run_floor(requests: int) -> float:
 
     loop = asyncio.get_running_loop()
     conn = floor._Upstream()
-    conn.connection_made(_FloorTransport(loop, conn))  # type: ignore[arg-type]
+    conn.connection_made(_EchoTransport(loop, conn))  # type: ignore[arg-type]
     floor._idle[:] = [conn]
     statuses: list[int] = []
 
@@ -137,17 +137,6 @@ async def run_floor(requests: int) -> float:
     if statuses != [200] * (WARMUP + requests) or floor._idle != [conn]:
         raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
     return elapsed
-
-
-class _FloorTransport:
-    """``_EchoTransport`` for the floor's protocol."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: asyncio.Protocol) -> None:
-        self.loop = loop
-        self.conn = conn
-
-    def write(self, data: bytes) -> None:
-        self.loop.call_soon(self.conn.data_received, RESPONSE)
 
 
 def _instructions(requests: int, *, floor: bool) -> int:
