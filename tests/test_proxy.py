@@ -817,6 +817,11 @@ async def shutdown_unanswered(scope: Any, receive: Any, send: Any) -> None:
     await receive()
 
 
+async def answers_unasked(scope: Any, receive: Any, send: Any) -> None:
+    """Answers startup without receiving it first, then returns."""
+    await send({"type": "lifespan.startup.complete"})
+
+
 @pytest.mark.parametrize(
     ("app", "answers"),
     [
@@ -825,6 +830,7 @@ async def shutdown_unanswered(scope: Any, receive: Any, send: Any) -> None:
         (startup_only, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
         (shutdown_unanswered, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
         (full_lifespan, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
+        (answers_unasked, ["lifespan.startup.complete", "lifespan.shutdown.complete"]),
         (failing_startup, ["lifespan.startup.failed"]),
     ],
 )

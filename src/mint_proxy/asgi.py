@@ -162,7 +162,8 @@ class ProxyMiddleware:
             message = unanswered or await receive()
             unanswered = None
             if message["type"] == "lifespan.startup":
-                await send_closing_pool({"type": "lifespan.startup.complete"})
+                if not answered.startswith("lifespan.startup."):  # (an app may answer before it receives)
+                    await send_closing_pool({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send_closing_pool({"type": "lifespan.shutdown.complete"})
                 return
