@@ -48,7 +48,7 @@ def parse(block: bytes, *, head_request: bool = False) -> ResponseHead:
         pytest.param(b"HTTP/1.1 418 I'm a\tteapot", 418, id="reason-with-tab"),
         pytest.param(b"HTTP/1.1 200 D\xc3\xa9j\xc3\xa0", 200, id="reason-obs-text"),
         pytest.param(b"HTTP/1.1 100 Continue", 100, id="lowest"),
-        pytest.param(b"HTTP/1.1 999 Custom", 999, id="highest"),
+        pytest.param(b"HTTP/1.1 599 Custom", 599, id="highest"),
         pytest.param(b"HTTP/1.0 200 OK", 200, id="http-1.0"),
     ],
 )
@@ -66,7 +66,9 @@ def test_valid_status_line_is_parsed(line: bytes, status: int) -> None:
         pytest.param(b"HTTP/1 200 OK", id="http-1"),
         pytest.param(b"http/1.1 200 OK", id="lowercase-http"),
         pytest.param(b"ICY 200 OK", id="icy"),
-        # status codes that are not three digits from 100 to 999
+        # status codes that are not three digits from 100 to 599 (RFC 9110 §15: 600-999 are invalid)
+        pytest.param(b"HTTP/1.1 600 Custom", id="600"),
+        pytest.param(b"HTTP/1.1 999 Custom", id="999"),
         pytest.param(b"HTTP/1.1 2000 OK", id="four-digits"),
         pytest.param(b"HTTP/1.1 099 OK", id="leading-zero"),
         pytest.param(b"HTTP/1.1 20 OK", id="two-digits"),

@@ -20,7 +20,7 @@ from mint_proxy import ProxyMiddleware, Route, RouteTable, TokenIssuer, verify_i
 
 from .backends import GZIPPED, Plugin, header_values
 from .conftest import PluginServer, StartProxy
-from .utils import SECRET, RawBackend, free_port, raw_request, serve, status_of
+from .utils import SECRET, RawBackend, ScriptedBackend, free_port, raw_request, read_request, serve, status_of
 
 pytestmark = pytest.mark.anyio
 
@@ -141,12 +141,77 @@ async def test_strip_prefix_and_base_path(start_proxy: StartProxy, plugin: Plugi
     assert (await get(proxy.url + "/api/peak")).json()["raw_path"] == "/base"
 
 
+def test_a_query_reaches_the_plugin_fragment_and_all(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """4: the query does not route: what the ASGI server put in it, the plugin gets (as in-process)."""
+    proxy = start_proxy({"/peak": plugin.url})
+    response = raw_request(proxy.port, b"GET /peak/x?q=%C3%A9&r=a#b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert plugin.app.seen[0]["query_string"].startswith("q=%C3%A9&r=a")
+
+
 def test_strip_prefix_keeps_the_rest_of_the_path_encoded_as_sent(start_proxy: StartProxy, plugin: PluginServer) -> None:
     routes = RouteTable([Route("/peak", plugin.url, strip_prefix=True)])
     proxy = start_proxy(routes)
     response = raw_request(proxy.port, b"GET /pe%61k/x%2Fy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(response) == 200
     assert plugin.app.seen[0]["raw_path"] == "/x%2Fy"
+
+
+@pytest.mark.parametrize("base", ["", "/base"])
+def test_strip_prefix_at_an_encoded_slash_starts_the_plugins_path_there(
+    start_proxy: StartProxy, plugin: PluginServer, base: str
+) -> None:
+    """4: the route matched the decoded '/peak/x/y'; the plugin's path starts at that '/'."""
+    proxy = start_proxy(RouteTable([Route("/peak", plugin.url + base, strip_prefix=True)]))
+    response = raw_request(proxy.port, b"GET /peak%2Fx%2Fy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert plugin.app.seen[0]["raw_path"] == base + "/x%2Fy"
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        pytest.param(b"a HTTP/1.0 b", 400, id="space"),
+        pytest.param(b"a\tb", 400, id="tab"),
+        pytest.param(b"a\r\nGET / HTTP/1.1", 400, id="crlf"),
+        pytest.param(b"a\x00b", 400, id="nul"),
+        pytest.param(b"a\x7fb", 400, id="del"),
+        pytest.param(b"q=caf\xc3\xa9", 400, id="raw-utf8"),  # (uvicorn refuses it too: the plugin would)
+        pytest.param(b"q=caf%C3%A9&r=a?b|{}^`", 200, id="printable-ascii"),
+    ],
+)
+async def test_a_query_that_is_not_printable_ascii_is_refused(plugin: PluginServer, query: bytes, status: int) -> None:
+    """4: uvicorn refuses such targets itself; an ASGI server that splits an HTTP/2 :path on '?'
+    may not (a hand-built scope). The request line the plugin parses must keep its three parts."""
+    proxy = ProxyMiddleware(None, routes={"/peak": plugin.url}, tokens=TokenIssuer(SECRET))
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "2",
+        "method": "GET",
+        "scheme": "https",
+        "path": "/peak/x",
+        "raw_path": b"/peak/x",
+        "query_string": query,
+        "headers": [(b"host", b"mint.example")],
+        "client": ("10.0.0.1", 5000),
+    }
+    await proxy(scope, receive, send)
+    proxy.pool.close()
+
+    assert sent[0]["status"] == status
+    if status == 400:
+        assert b"query string must be printable ASCII" in sent[1]["body"]
+        assert plugin.app.seen == []
+    else:
+        assert plugin.app.seen[0]["query_string"].encode("latin-1") == query
 
 
 async def test_unix_socket_upstream(start_proxy: StartProxy) -> None:
@@ -407,6 +472,35 @@ async def test_http2_request_without_framing_headers_still_sends_its_body(
     assert header_values(plugin.app.seen[0], "transfer-encoding") == ["chunked"]
 
 
+SMUGGLED = b"GET /peak/smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("rewrite", [lambda body: body + SMUGGLED, lambda body: body[:2]], ids=["longer", "shorter"])
+def test_a_body_that_does_not_match_its_content_length_never_reaches_the_plugin(
+    plugin: PluginServer, http: str, rewrite: Any
+) -> None:
+    """11: a middleware in front that rewrites the body but not Content-Length. Forwarded as is,
+    a longer body would be a second request to the plugin, a shorter one a hang: 400 instead."""
+    proxy = ProxyMiddleware(
+        None, routes=RouteTable([Route("/peak", plugin.url, read_timeout=2)]), tokens=TokenIssuer(SECRET)
+    )
+
+    async def rewriting(scope: Any, receive: Any, send: Any) -> None:
+        async def receive_rewritten() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                message = {**message, "body": rewrite(message.get("body", b""))}
+            return message
+
+        await proxy(scope, receive_rewritten if scope["type"] == "http" else receive, send)
+
+    with serve(rewriting, http=http, lifespan="auto") as running:
+        response = httpx.post(running.url + "/peak/echo", content=b"abcd", timeout=10)
+    assert response.status_code == 400
+    assert "Content-Length" in response.json()["detail"]
+    assert plugin.app.seen == []
+
+
 async def test_response_streams_event_by_event(start_proxy: StartProxy, plugin: PluginServer) -> None:
     """11: SSE events reach the client while the plugin is still producing them."""
     proxy = start_proxy({"/peak": plugin.url})
@@ -558,6 +652,107 @@ async def test_stale_pooled_connection_retries_only_idempotent_requests(
     assert backend.connections == (2 if retried else 1)
 
 
+def test_a_streamed_body_is_never_retried_on_a_new_connection(start_proxy: StartProxy) -> None:
+    """15: a PUT whose body came in two messages cannot be sent again: 502, and the plugin had it once.
+
+    The plugin answers a GET (the connection is pooled), then reads the whole PUT on that
+    connection and closes without answering, which looks like a stale connection.
+    """
+    bodies: list[bytes] = []
+
+    def handle(sock: socket.socket, index: int) -> None:
+        read_request(sock)
+        sock.sendall(OK)
+        bodies.append(read_request(sock)[1])  # (a retry would arrive on a second connection)
+
+    with ScriptedBackend(handle) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+            client.sendall(b"GET /peak/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(client.recv(65536)) == 200
+            client.sendall(b"PUT /peak/x HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nabcd")
+            time.sleep(0.2)  # the proxy has sent the head and the first body message upstream
+            client.sendall(b"efgh")
+            answer = read_until_status(client)
+    assert status_of(answer) == 502
+    assert bodies == [b"abcdefgh"]
+    assert backend.connections == 1
+
+
+def test_a_plugin_that_stops_reading_the_body_is_a_504_after_read_timeout(start_proxy: StartProxy) -> None:
+    """16: the wait for the plugin to take the body has the same deadline as the wait for its answer."""
+    plugin_done = threading.Event()
+
+    def handle(sock: socket.socket, index: int) -> None:
+        sock.recv(65536)  # the head and some body, then nothing more
+        plugin_done.wait(10)
+
+    with ScriptedBackend(handle) as backend:
+        proxy = start_proxy(RouteTable([Route("/peak", backend.url, read_timeout=0.5)]))
+        answer = upload_until_answered(proxy.port, 256 * 1024 * 1024, timeout=10)
+        plugin_done.set()
+    assert status_of(answer) == 504
+    assert b"gateway_timeout" in answer
+
+
+def test_an_early_answer_ends_the_wait_for_the_plugin_to_take_the_body(start_proxy: StartProxy) -> None:
+    """13: the plugin answers 413 without reading the body and keeps the connection open."""
+    plugin_done = threading.Event()
+
+    def handle(sock: socket.socket, index: int) -> None:
+        sock.recv(65536)
+        time.sleep(0.5)  # the proxy is now waiting for the plugin to read
+        sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+        plugin_done.wait(10)
+
+    with ScriptedBackend(handle) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        began = time.monotonic()
+        answer = upload_until_answered(proxy.port, 256 * 1024 * 1024, timeout=10)
+        elapsed = time.monotonic() - began
+        plugin_done.set()
+    assert status_of(answer) == 413
+    assert elapsed < 5  # not when the plugin finally closes, after 10 s
+
+
+def read_until_status(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def upload_until_answered(port: int, size: int, *, timeout: float) -> bytes:
+    """POST ``size`` bytes while reading: return the response head as soon as one arrives."""
+    block = b"u" * (256 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"POST /peak/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.setblocking(False)
+        deadline = time.monotonic() + timeout
+        sent, answer = 0, b""
+        while time.monotonic() < deadline and b"\r\n\r\n" not in answer:
+            try:
+                if sent < size:
+                    sent += sock.send(block)
+            except BlockingIOError:
+                time.sleep(0.005)
+            except OSError:
+                pass  # the proxy closed after answering: read what it said
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            except BlockingIOError:
+                pass
+            except OSError:
+                break
+        return answer
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -568,6 +763,7 @@ async def test_stale_pooled_connection_retries_only_idempotent_requests(
         b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\n folded\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\n",
+        b"HTTP/1.1 600 Library Error\r\nContent-Length: 2\r\n\r\nok",  # RFC 9110 §15: process as a 5xx
         b"",  # closed without answering
     ],
 )

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -110,21 +111,16 @@ def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.") else 0
 
 
-class RawBackend:
-    """A plugin that answers each request with ``respond(request_head, index_on_connection)``.
+class ScriptedBackend:
+    """A plugin socket whose every connection runs ``handle(sock, index)`` in a thread of its own.
 
-    An empty answer closes the connection without responding.
-
-    For upstream faults a real framework will not produce: invalid HTTP, lies
-    about lengths, drops mid-headers. ``connections`` counts accepted sockets.
+    ``index`` counts connections from 0; ``connections`` is how many were accepted. For
+    plugin behaviour no framework produces: stopping reading, closing after a request, lying.
     """
 
-    def __init__(self, respond: Callable[[bytes, int], bytes], *, close: bool = True, hold: float = 0.0) -> None:
-        self.respond = respond
-        self.close = close
-        self.hold = hold
+    def __init__(self, handle: Callable[[socket.socket, int], None]) -> None:
+        self.handle = handle
         self.connections = 0
-        self.requests: list[bytes] = []
         self._sock = bind_socket()
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
@@ -142,44 +138,81 @@ class RawBackend:
                 continue
             except OSError:
                 return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            index, self.connections = self.connections, self.connections + 1
+            threading.Thread(target=self._run, args=(conn, index), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _run(self, conn: socket.socket, index: int) -> None:
         with conn:
             conn.settimeout(5)
-            index = 0
-            while not self._stop.is_set():
-                head = b""
-                try:
-                    while b"\r\n\r\n" not in head:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        head += data
-                except OSError:
-                    return
-                self.requests.append(head)
-                answer = self.respond(head, index)
-                index += 1
-                if not answer:
-                    return
-                try:
-                    conn.sendall(answer)
-                except OSError:
-                    return
-                if self.hold:
-                    time.sleep(self.hold)
-                if self.close:
-                    return
+            with contextlib.suppress(OSError):
+                self.handle(conn, index)
 
     def stop(self) -> None:
         self._stop.set()
         self._sock.close()
         self._thread.join(5)
 
-    def __enter__(self) -> "RawBackend":
+    def __enter__(self) -> "ScriptedBackend":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RawBackend(ScriptedBackend):
+    """A plugin that answers each request with ``respond(request_head, index_on_connection)``.
+
+    An empty answer closes the connection without responding.
+
+    For upstream faults a real framework will not produce: invalid HTTP, lies
+    about lengths, drops mid-headers. ``connections`` counts accepted sockets.
+    """
+
+    def __init__(self, respond: Callable[[bytes, int], bytes], *, close: bool = True, hold: float = 0.0) -> None:
+        self.respond = respond
+        self.close = close
+        self.hold = hold
+        self.requests: list[bytes] = []
+        super().__init__(self._answer)
+
+    def _answer(self, conn: socket.socket, _: int) -> None:
+        index = 0
+        while not self._stop.is_set():
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            self.requests.append(head)
+            answer = self.respond(head, index)
+            index += 1
+            if not answer:
+                return
+            conn.sendall(answer)
+            if self.hold:
+                time.sleep(self.hold)
+            if self.close:
+                return
+
+    def __enter__(self) -> "RawBackend":
+        return self
+
+
+def read_request(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read one request with a ``Content-Length`` body (or none) from ``sock``: head and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a whole request head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length: *([0-9]+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the whole request body")
+        body += chunk
+    return head, body

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 1024
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
+# Status codes are 100-599 (RFC 9110 §15: anything else is invalid, "process as 5xx": a 502 here).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
 # The whole head in one pass: status line, then field lines (RFC 9112 §5). A field
 # value is VCHAR, SP, HTAB or obs-text only: no CR, LF, NUL or other controls, and a
 # line starting with whitespace (obs-fold, §5.2) cannot match a field name. The
@@ -22,7 +23,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t\x20-\x7e\x80-
 # after a name, CR after a value), so backtracking could never help, and the engine
 # skips saving the state for it (about 20% faster; same language).
 _HEAD = re.compile(
-    rb"HTTP/1\.[01] [1-9][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*+)?"
+    rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*+)?"
     rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\t\x20-\x7e\x80-\xff]*+)*+"
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")

@@ -16,7 +16,9 @@ cost per request.
 * Flow control both ways. Upstream to client: once more than ``HIGH_WATER``
   bytes are queued, reading from the plugin pauses until the client side has
   taken them (the ASGI ``send`` awaits the client's socket). Client to upstream:
-  ``drain`` waits while the transport's write buffer is over its limit.
+  ``drain`` waits while the transport's write buffer is over its limit, with the same
+  timed ``wait`` as a response: a plugin that stops reading the body is as silent as
+  one that stops answering, and an early answer ends the wait too.
 * Waiting uses one future per wait, not ``asyncio.wait_for`` and not a task.
   Timeouts are not timers either: a timer costs as much as the rest of an
   exchange's bookkeeping (``call_later`` + ``cancel`` is ~1.7 µs on uvloop).
@@ -117,7 +119,6 @@ class Connection(asyncio.Protocol):
         self._watcher: asyncio.Future[None] | None = None
         self.client_gone = False
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -134,18 +135,13 @@ class Connection(asyncio.Protocol):
             when = "before responding" if self._state == _HEAD else "in the middle of its response"
             self._error = UpstreamUnavailable(f"the plugin closed the connection {when}")
         self._wake()
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         if self._state == _BODY:
@@ -352,10 +348,13 @@ class Connection(asyncio.Protocol):
             raise self._error or UpstreamUnavailable("the plugin closed the connection")
         self._transport.writelines(data)
 
-    async def drain(self) -> None:
-        if self._write_paused and not self.closed:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
+    async def drain(self, timeout: float) -> None:
+        """Wait while the plugin is not taking the request body, until it does or answers.
+
+        Fails like ``wait`` when the plugin takes nothing for ``timeout`` seconds.
+        """
+        while self._write_paused and not self.closed and self.head is None:
+            await self.wait(timeout)
         if self.closed and self.head is None:
             raise self._error or UpstreamUnavailable("the plugin closed the connection")
 

@@ -28,8 +28,10 @@ untouched. A match is proxied:
 Retries. Refused connections are retried inside the pool for ``retry_window``.
 A pooled connection that turns out to be closed before any response byte
 arrived is retried once on a new connection, only when the whole request is
-still in hand and the method is idempotent (RFC 9110 §9.2.2): a plugin that
-crashed after reading a POST must not get it twice.
+still in hand (its body came in one message, so it went out in the same write
+as the head) and the method is idempotent (RFC 9110 §9.2.2): a plugin that
+crashed after reading a POST must not get it twice, and a body that streamed
+through cannot be sent again (nginx with request buffering off does the same).
 """
 
 import asyncio
@@ -63,9 +65,15 @@ from .tokens import TokenIssuer
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# The request target's path: printable ASCII without '#' and '?' (``raw.translate(_PATH_TABLE) == raw``).
+# The request target's path: printable ASCII without '#' and '?' (``raw.translate(_PATH_TABLE) == raw``);
+# its query: any printable ASCII (uvicorn's h11 side leaves a '#fragment' in it; the plugin's server
+# parses it as it would in-process). Nothing that could end or split the request line.
 _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
+_QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
+# What ASGI servers guarantee, checked again: a middleware in front that rewrote the body without
+# its Content-Length would otherwise make the plugin read the rest as a second request.
+_LENGTH_MISMATCH = "the request body does not match its Content-Length"
 
 
 class ProxyMiddleware:
@@ -205,13 +213,21 @@ class ProxyMiddleware:
             raise BadRequest("the request target must be a path of printable ASCII characters")
         if route.strip_prefix:
             raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))
+            if raw[:3] in (b"%2F", b"%2f"):
+                # The route matched the decoded path, whose next character is this '/':
+                # the plugin's path starts there (as under Starlette's Mount in-process).
+                raw = b"/" + raw[3:]
         base = route.upstream.base_path
         if base:
             raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
         elif not raw:
             raw = b"/"
         query: bytes = scope.get("query_string", b"")
-        return raw + b"?" + query if query else raw
+        if not query:
+            return raw
+        if query.translate(_QUERY_TABLE) != query:
+            raise BadRequest("the query string must be printable ASCII characters")
+        return raw + b"?" + query
 
     def _plan(self, route: Route) -> "_Plan":
         plan = self._plans.get(route.prefix)
@@ -275,6 +291,10 @@ class ProxyMiddleware:
                 received = len(body)
                 if limit is not None and received > limit:
                     raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                declared = info.content_length
+                if declared is not None and (received > declared or (not more and received != declared)):
+                    raise BadRequest(_LENGTH_MISMATCH)
+                whole = not more  # the whole request goes in one write: it can be sent again
 
                 plan = self._plan(route)
                 lines = field_lines(info.headers) + self._proxy_lines(scope, plan, info)
@@ -311,19 +331,21 @@ class ProxyMiddleware:
                     received += len(chunk)
                     if limit is not None and received > limit:
                         raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                    if declared is not None and (received > declared or (not more and received != declared)):
+                        raise BadRequest(_LENGTH_MISMATCH)
                     if chunked:
                         last = b"\r\n" if more else b"\r\n0\r\n\r\n"
                         conn.writelines([b"%x\r\n" % len(chunk), chunk, last] if chunk else [last[2:]])
                     elif chunk:
                         conn.write(chunk)
-                    await conn.drain()
+                    await conn.drain(timeout)
                 conn.request_complete = not more
                 conn.watch_client(receive)
                 try:
                     while conn.head is None:
                         await conn.wait(timeout)
                 except UpstreamUnavailable:
-                    if conn.client_gone or not _may_retry(conn, method):
+                    if conn.client_gone or not whole or not _may_retry(conn, method):
                         raise
                     conn.abort()
                     conn = await self.pool.connect(
