@@ -217,6 +217,12 @@ INVALID = [
     pytest.param('[settings]\nmount_path = "/a/../b"\n', "[settings].mount_path", "dot segments", id="mount-dotdot"),
     pytest.param("[settings]\nretry_window = -1\n", "[settings].retry_window", ">= 0, got -1", id="negative-window"),
     pytest.param("[settings]\nretry_window = nan\n", "[settings].retry_window", "finite", id="nan-window"),
+    pytest.param(
+        "[settings]\nretry_window = 1" + "0" * 400 + "\n", "[settings].retry_window", "finite", id="huge-window"
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h:1"\nplugin = ""\n', '[proxy."/a"].plugin', "must not be empty", id="empty-plugin"
+    ),
     # TOML syntax errors and duplicates, reported with tomllib's line and column.
     pytest.param("[proxy\n", "invalid TOML", "(at line 1, column 7)", id="toml-syntax"),
     pytest.param('[proxy]\n/a = "http://h"\n', "invalid TOML", "(at line 2, column 1)", id="unquoted-prefix"),
@@ -401,7 +407,7 @@ def test_watcher_applies_an_edit(config: _Config, table: RouteTable, caplog: pyt
     watcher = ConfigWatcher(str(config.path), table)
     config.write(TWO)
     with caplog.at_level(logging.INFO, logger="mint_proxy"):
-        assert watcher.check() is True
+        assert poll(watcher) is True
     assert table == parse_dev_config(TWO).routes
     assert f"reloaded {config.path}: 2 routes" in caplog.messages
     assert watcher.check() is False
@@ -413,7 +419,7 @@ def test_watcher_sees_an_edit_with_the_same_mtime_and_size(config: _Config, tabl
     replacement.write_text(ONE.replace("9001", "9009"), encoding="utf-8")
     os.utime(replacement, ns=(config.mtime_ns, config.mtime_ns))
     os.replace(replacement, config.path)  # how editors save: a new inode
-    assert watcher.check() is True
+    assert poll(watcher) is True
     assert table.get("/a") == Route("/a", "http://localhost:9009")
 
 
@@ -424,7 +430,7 @@ def test_watcher_keeps_the_last_good_table_on_a_broken_edit_then_recovers(
     before = RouteTable(table)
     config.write(BROKEN)
     with caplog.at_level(logging.INFO, logger="mint_proxy"):
-        assert watcher.check() is False
+        assert poll(watcher) is False
     assert table == before
     [record] = caplog.records
     assert record.levelno == logging.ERROR
@@ -433,7 +439,7 @@ def test_watcher_keeps_the_last_good_table_on_a_broken_edit_then_recovers(
     assert watcher.check() is False  # reported once, not on every poll
 
     config.write(TWO)
-    assert watcher.check() is True
+    assert poll(watcher) is True
     assert len(table) == 2
 
 
@@ -443,7 +449,7 @@ def test_watcher_keeps_the_table_when_the_file_disappears(
     watcher = ConfigWatcher(str(config.path), table)
     before = RouteTable(table)
     config.path.unlink()
-    assert watcher.check() is False
+    assert poll(watcher) is False
     assert table == before
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     assert "no such file" in caplog.messages[0]
@@ -451,7 +457,7 @@ def test_watcher_keeps_the_table_when_the_file_disappears(
     assert watcher.check() is False
 
     config.write(TWO)
-    assert watcher.check() is True
+    assert poll(watcher) is True
     assert len(table) == 2
 
 
@@ -460,7 +466,7 @@ def test_watcher_warns_that_settings_need_a_restart(
 ) -> None:
     watcher = ConfigWatcher(str(config.path), table)
     config.write(TWO + '[settings]\nmount_path = "/api"\n')
-    assert watcher.check() is True
+    assert poll(watcher) is True
     assert len(table) == 2
     [record] = caplog.records
     assert record.levelno == logging.WARNING
@@ -470,7 +476,7 @@ def test_watcher_warns_that_settings_need_a_restart(
 def test_watcher_reloads_when_the_file_changed_before_it_started(config: _Config, table: RouteTable) -> None:
     config.write(TWO)  # edited between the caller's load and the watcher's construction
     watcher = ConfigWatcher(str(config.path), table)
-    assert watcher.check() is True
+    assert poll(watcher) is True
     assert len(table) == 2
 
 
@@ -479,7 +485,7 @@ def test_watcher_reports_a_file_broken_before_it_started(
 ) -> None:
     config.write(BROKEN)
     watcher = ConfigWatcher(str(config.path), table)
-    assert watcher.check() is False
+    assert poll(watcher) is False
     assert len(table) == 1
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
 
@@ -487,8 +493,27 @@ def test_watcher_reports_a_file_broken_before_it_started(
 def test_watcher_uses_the_given_logger(config: _Config, table: RouteTable, caplog: pytest.LogCaptureFixture) -> None:
     watcher = ConfigWatcher(str(config.path), table, logger=logging.getLogger("custom"))
     config.write(BROKEN)
-    watcher.check()
+    poll(watcher)
     assert [r.name for r in caplog.records] == ["custom"]
+
+
+def test_watcher_never_applies_a_file_caught_half_saved(config: _Config, table: RouteTable) -> None:
+    """An editor that saves in place truncates, then writes: a poll between the two sees a valid,
+    empty file. A change applies only once the file held still for one poll."""
+    watcher = ConfigWatcher(str(config.path), table)
+    config.write("")
+    assert watcher.check() is False
+    config.write(TWO)  # the save completes before the next poll
+    assert watcher.check() is False  # changed again since the last poll: wait
+    assert len(table) == 1
+    assert watcher.check() is True
+    assert len(table) == 2
+
+
+def poll(watcher: ConfigWatcher) -> bool:
+    """Two polls: the first only notes a change (it must hold still for one poll), the second acts on it."""
+    assert watcher.check() is False
+    return watcher.check()
 
 
 @pytest.mark.parametrize("interval", [0, -1, True])

@@ -1,5 +1,7 @@
 """Upstream URLs, Route validation and the copy-on-write RouteTable (tier 1: pure functions, no I/O)."""
 
+import sys
+import threading
 from typing import Any
 
 import pytest
@@ -72,6 +74,13 @@ def test_parse_accepts_a_valid_upstream(url: str, expected: Upstream) -> None:
         pytest.param("http://::1:8005", id="ipv6-without-brackets"),
         pytest.param("http://[zz]:8005", id="ipv6-not-hex"),
         pytest.param("http://[::1]8005", id="ipv6-junk-after-bracket"),
+        pytest.param("http://[:]:8005", id="ipv6-colon-only"),
+        pytest.param("http://[::1::2]:8005", id="ipv6-two-double-colons"),
+        pytest.param("http://[1.2.3.4]:8005", id="ipv4-in-brackets"),
+        pytest.param("http://-:8005", id="hyphen-only"),
+        pytest.param("http://...:8005", id="dots-only"),
+        pytest.param("http://a..b:8005", id="empty-label"),
+        pytest.param("http://-a.b:8005", id="label-starts-with-hyphen"),
         # dot segments and empty segments in the base path
         pytest.param("http://h:8005/a/../b", id="dot-dot-segment"),
         pytest.param("http://h:8005/./b", id="dot-segment"),
@@ -526,3 +535,30 @@ def test_replace_does_not_change_a_held_route() -> None:
 
     assert held == Route("/a", URL)
     assert table.match("/a") == Route("/a", OTHER_URL)
+
+
+def test_a_huge_integer_timeout_means_never_like_inf() -> None:
+    """A config may say 10**400: it is no number of seconds a float can hold, so it is inf (never)."""
+    assert Route("/peak", URL, connect_timeout=10**400).connect_timeout == float("inf")
+
+
+def test_writers_on_several_threads_lose_no_change() -> None:
+    """Copy-on-write needs its writers serialised: a platform may change routes from worker threads."""
+    table = RouteTable({f"/seed{i}": URL for i in range(200)})
+    batches = [[Route(f"/t{t}-{i}", URL) for i in range(2000)] for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to widen any race
+    try:
+
+        def add_all(batch: list[Route]) -> None:
+            for route in batch:
+                table.add(route)
+
+        threads = [threading.Thread(target=add_all, args=(batch,)) for batch in batches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(table) == 200 + 4 * 2000

@@ -147,6 +147,31 @@ def test_token_is_reminted_once_half_the_ttl_has_passed() -> None:
     assert issuer.token_for("billing") == second
 
 
+def test_a_clock_that_steps_back_gets_a_fresh_token_not_one_from_its_future() -> None:
+    """A VM resumed or an NTP step: a verifier on the same clock would refuse the cached token (iat ahead)."""
+    clock = FakeClock(1_700_000_120.0)
+    issuer = TokenIssuer(SECRET, clock=clock)
+    early = issuer.token_for("billing")
+    clock.now = 1_700_000_000.0  # two minutes back
+
+    token = issuer.token_for("billing")
+
+    assert token != early
+    assert jwt.decode(token, options={"verify_signature": False})["iat"] == 1_700_000_000
+
+
+def test_a_fractional_ttl_still_leaves_half_the_lifetime_on_every_token() -> None:
+    """JWT times are whole seconds: a ttl of 3.9 is a 3 s token, re-minted after 1.5 s."""
+    clock = FakeClock(1_700_000_000.0)
+    issuer = TokenIssuer(SECRET, ttl=3.9, clock=clock)
+    issuer.token_for("billing")
+    clock.now += 1.9
+
+    claims = jwt.decode(issuer.token_for("billing"), options={"verify_signature": False})
+
+    assert claims["exp"] - clock.now >= int(3.9) / 2
+
+
 def test_different_plugins_get_different_tokens() -> None:
     issuer = TokenIssuer(SECRET)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import DevConfigError
-from .routing import Route, RouteTable, Upstream, check_mount_path
+from .routing import Route, RouteTable, Upstream, check_mount_path, seconds
 
 CONFIG_ENV = "MINT_PROXY_CONFIG"
 SECRET_ENV = "MINT_INTERNAL_TOKEN_SECRET"
@@ -154,6 +154,8 @@ def _route(path: str, prefix: str, entry: object) -> Route:
         types, expected = _ROUTE_KEYS[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             _fail(path, where, f"must be {expected}, got {_kind(value)}")
+        if key == "plugin" and not value:
+            _fail(path, where, "must not be empty (leave the key out for the default, the prefix without '/')")
     if "url" not in entry:
         _fail(path, _where(("proxy", prefix)), 'missing required key url; add url = "http://127.0.0.1:PORT"')
     options = {key: value for key, value in entry.items() if key != "url"}
@@ -203,11 +205,12 @@ def _mount_path(path: str, value: object) -> str:
 
 def _retry_window(path: str, value: object) -> float:
     where = _where(("settings",), "retry_window")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    window = seconds(value)
+    if window is None:
         _fail(path, where, f"must be a number of seconds, got {_kind(value)}")
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(window) and window >= 0):
         _fail(path, where, f"must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    return window
 
 
 def _fail(path: str, where: str, problem: str) -> NoReturn:
@@ -241,9 +244,11 @@ class ConfigWatcher:
         watcher = ConfigWatcher(config.path, config.routes)
         task = asyncio.create_task(watcher.run())   # cancel it to stop
 
-    A change is a new ``(mtime_ns, size, inode)``; the baseline is taken at
-    construction, right after the caller loaded the file (if by then the file
-    differs from ``routes`` or is broken, the first check reloads or reports it).
+    A change is a new ``(mtime_ns, size, inode)``. It applies once the file has held
+    still for one poll (the same signature twice in a row), so a file caught half
+    saved (an editor that truncates, then writes) never replaces the table. The
+    baseline is taken at construction, right after the caller loaded the file (if by
+    then the file differs from ``routes`` or is broken, the next checks reload or report it).
     Routes apply live; ``mount_path`` and ``retry_window`` are read at startup
     only, so changing them logs a warning asking for a restart.
     """
@@ -258,6 +263,7 @@ class ConfigWatcher:
         self._routes = routes
         self._logger = logger or logging.getLogger("mint_proxy")
         self._signature = _signature(path)
+        self._pending: tuple[int, int, int] | None | bool = False  # a new signature seen once (False: none)
         # Baseline for the restart warning: the settings the file holds now (best effort).
         self._settings: tuple[str, float] | None = None
         try:
@@ -270,11 +276,18 @@ class ConfigWatcher:
             self._signature = None  # edited since the caller loaded it: reload on the first check
 
     def check(self) -> bool:
-        """Poll once: reload if the file changed; return True when the route table was replaced."""
+        """Poll once: reload if the file changed and has held still since the last poll.
+
+        Return True when the route table was replaced.
+        """
         signature = _signature(self.path)  # stat before reading, so an edit during the read is seen next time
         if signature == self._signature:
+            self._pending = False
             return False
-        self._signature = signature
+        if signature != self._pending:
+            self._pending = signature  # still changing, perhaps: look again next poll
+            return False
+        self._signature, self._pending = signature, False
         try:
             config = load_dev_config(self.path)
         except DevConfigError as exc:

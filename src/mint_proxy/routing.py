@@ -7,7 +7,10 @@ Lookup walks the path's segment boundaries from the longest candidate down, one
 dict probe each, so it costs O(depth of the path), not O(number of routes).
 """
 
+import ipaddress
+import math
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +20,10 @@ DEFAULT_READ_TIMEOUT = 300.0
 
 # One path segment of a prefix: RFC 3986 pchar without percent-encoding.
 _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
-_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+# A host name (RFC 1123 labels, which covers dotted IPv4) or a bracketed IPv6 address (checked by ipaddress).
+_HOST = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\]"
+)
 _BASE_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
 _PLUGIN = re.compile(r"[!-~]+")  # printable ASCII, no spaces: it becomes the token's `sub`
 
@@ -71,7 +77,7 @@ class Upstream:
         elif ":" in authority:
             host, _, port_text = authority.rpartition(":")
             port = _parse_port(url, port_text)
-        if not host or not _HOST.fullmatch(host):
+        if not host or not _HOST.fullmatch(host) or (host.startswith("[") and not _is_ipv6(host[1:-1])):
             raise ValueError(f"upstream URL {url!r} has an invalid host")
         return cls(host=host.lower(), port=port, base_path=base_path)
 
@@ -87,6 +93,24 @@ class Upstream:
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def seconds(value: object) -> float | None:
+    """``value`` as float seconds if it is a real number (not a bool), else ``None``; huge ints become inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _parse_port(url: str, text: str) -> int:
@@ -155,9 +179,11 @@ class Route:
         if not isinstance(self.strip_prefix, bool):
             raise TypeError("strip_prefix must be a bool")
         for name in ("connect_timeout", "read_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+            given = getattr(self, name)
+            value = seconds(given)
+            if value is None or not value > 0:  # (inf: never time out)
+                raise ValueError(f"{name} must be a positive number of seconds, got {given!r}")
+            object.__setattr__(self, name, value)
         limit = self.max_body_bytes
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"max_body_bytes must be a non-negative integer or None, got {limit!r}")
@@ -195,6 +221,9 @@ class RouteTable:
 
     def __init__(self, routes: RouteSource = ()) -> None:
         self._routes: dict[str, Route] = _build(routes)
+        # Writers copy, change and swap under this lock (a platform may change routes from worker
+        # threads); readers never take it: they see the old dict or the new one.
+        self._writing = threading.Lock()
 
     def set(self, prefix: str, url: str, **options: Any) -> Route:
         """Add or replace the route for ``prefix``; return it."""
@@ -206,19 +235,23 @@ class RouteTable:
         """Add or replace a route built elsewhere."""
         if not isinstance(route, Route):
             raise TypeError(f"expected a Route, got {route!r}")
-        routes = dict(self._routes)
-        routes[route.prefix] = route
-        self._routes = routes
+        with self._writing:
+            routes = dict(self._routes)
+            routes[route.prefix] = route
+            self._routes = routes
 
     def remove(self, prefix: str) -> None:
         """Remove the route for ``prefix``; raise ``KeyError`` if there is none."""
-        routes = dict(self._routes)
-        del routes[prefix]
-        self._routes = routes
+        with self._writing:
+            routes = dict(self._routes)
+            del routes[prefix]
+            self._routes = routes
 
     def replace(self, routes: "RouteSource | RouteTable") -> None:
         """Swap in a whole new set of routes at once."""
-        self._routes = dict(routes._routes) if isinstance(routes, RouteTable) else _build(routes)
+        new = dict(routes._routes) if isinstance(routes, RouteTable) else _build(routes)
+        with self._writing:
+            self._routes = new
 
     def match(self, path: str) -> Route | None:
         """Return the route with the longest prefix matching ``path`` at a segment boundary."""

@@ -130,8 +130,11 @@ class TokenIssuer:
     """Mints and caches one internal token per plugin.
 
     ``token_for`` is on the proxy's hot path: a cached token is returned after one dict lookup and
-    one clock comparison. A token is re-minted once less than half of ``ttl`` remains, so every token
-    a plugin receives stays valid for at least ``ttl / 2`` seconds. Two threads may both mint on a
+    one clock comparison. Tokens live ``int(ttl)`` seconds (JWT times are whole seconds) and are
+    re-minted once less than half of that remains, so every token a plugin receives stays valid for
+    at least ``int(ttl) / 2`` seconds. A clock that steps back before a cached token's ``iat`` (a VM
+    resumed, an NTP step) gets a fresh token too, so a verifier on the same clock never sees one
+    from its future. Two threads may both mint on a
     miss; the last write wins and both tokens are valid. The cache holds one entry per plugin slug,
     so pass configured slugs, never request input.
 
@@ -156,7 +159,7 @@ class TokenIssuer:
         self._ttl = float(ttl)
         self._clock = clock
         self._headers: dict[str, str] = {"typ": TOKEN_TYPE} if kid is None else {"typ": TOKEN_TYPE, "kid": kid}
-        self._cache: dict[str, tuple[str, float]] = {}  # plugin -> (token, refresh after)
+        self._cache: dict[str, tuple[str, float, int]] = {}  # plugin -> (token, refresh after, iat)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kid={self._kid!r}, ttl={self._ttl!r})"
@@ -164,25 +167,25 @@ class TokenIssuer:
     def token_for(self, plugin: str) -> str:
         """Return a valid internal token for ``plugin``, minting one only when the cached one is stale."""
         entry = self._cache.get(plugin)
-        if entry is not None and self._clock() < entry[1]:
+        if entry is not None and entry[2] <= self._clock() < entry[1]:
             return entry[0]
         return self._mint(plugin)
 
     def _mint(self, plugin: str) -> str:
         if not isinstance(plugin, str) or not plugin:
             raise ValueError("plugin must be a non-empty str")
-        now = self._clock()
-        issued_at = int(now)
+        issued_at = int(self._clock())
+        lifetime = int(self._ttl)
         claims = {
             "sub": plugin,
             "aud": TOKEN_AUDIENCE,
             "iss": TOKEN_ISSUER,
             "iat": issued_at,
-            "exp": issued_at + int(self._ttl),
+            "exp": issued_at + lifetime,
             "jti": secrets.token_hex(16),
         }
         token = jwt.encode(claims, self._secret.value, algorithm=_ALGORITHM, headers=self._headers)
-        self._cache[plugin] = (token, issued_at + self._ttl / 2)
+        self._cache[plugin] = (token, issued_at + lifetime / 2, issued_at)
         return token
 
 
