@@ -566,3 +566,113 @@ async def test_websocket_session_is_access_logged(
     lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy"]
     assert len(lines) == 1
     assert re.fullmatch(r'ws-log-me "WEBSOCKET /peak/feed" plugin=peak status=101 \d+\.\dms', lines[0])
+
+
+# -- found by review: the close handshake under load, a client gone during the handshake, fragments -----
+
+UPGRADE = (
+    b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+MESSAGES = 12
+
+
+class SendThenClose:
+    """A plugin that sends MESSAGES × 1 MiB, then closes with 4001."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        for index in range(MESSAGES):
+            await send({"type": "websocket.send", "bytes": bytes([index]) * (1 << 20)})
+        await send({"type": "websocket.close", "code": 4001, "reason": "done"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+
+def read_frames_until_eof(sock: socket.socket) -> tuple[int, int | None]:
+    """Read server frames (unmasked) until EOF: the number of data messages and the close code."""
+    data = b""
+    sock.settimeout(DEADLINE)
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    messages, code, pos = 0, None, 0
+    while pos + 2 <= len(data):
+        opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if length == 126:
+            length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif length == 127:
+            length, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        payload, pos = data[pos : pos + length], pos + length
+        if len(payload) < length:
+            break
+        if opcode in (1, 2):
+            messages += 1
+        elif opcode == 8:
+            code = int.from_bytes(payload[:2], "big") if payload else 1005
+    return messages, code
+
+
+async def test_plugin_messages_and_close_code_reach_a_slow_client_that_sends_meanwhile(
+    start_proxy: StartProxy,
+) -> None:
+    """RFC 6455 §7.1.2: the plugin's close ends the session only after what it sent before it.
+
+    The client reads nothing while the plugin sends everything and closes, then sends one
+    message: the proxy finds the plugin gone on that send, yet relays the rest and 4001.
+    """
+    with serve(SendThenClose()) as plugin:
+        proxy = start_proxy({"/peak": plugin.url})
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(UPGRADE % b"/peak/feed")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 101")
+            await asyncio.sleep(1.5)  # the plugin has sent everything and closed; the proxy is behind
+            sock.sendall(b"\x81\x83\x00\x00\x00\x00ack")  # one masked text frame
+            messages, code = await asyncio.to_thread(read_frames_until_eof, sock)
+    assert (messages, code) == (MESSAGES, 4001)
+
+
+class SlowAccept:
+    """A plugin that accepts after 1 s and records how the session ends."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await asyncio.sleep(1.0)
+        await send({"type": "websocket.accept"})
+        self.events.append("accepted")
+        self.events.append((await receive())["type"])
+
+
+async def test_a_client_gone_during_the_plugin_handshake_closes_the_plugin_session(start_proxy: StartProxy) -> None:
+    app = SlowAccept()
+    with serve(app) as plugin:
+        proxy = start_proxy({"/peak": plugin.url})
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(UPGRADE % b"/peak/feed")
+            await asyncio.sleep(0.3)  # the proxy waits for the plugin's 101
+        await wait_until(lambda: app.events == ["accepted", "websocket.disconnect"])
+
+
+async def test_a_fragment_in_the_target_is_a_400_json_error(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """RFC 6455 §3: fragments are meaningless in a WebSocket URI (uvicorn passes '#…' on in the query)."""
+    proxy = start_proxy({"/peak": plugin.url})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as sock:
+        sock.sendall(UPGRADE % b"/peak/feed?a=1#frag")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400")
+    assert b'"error": "bad_request"' in data and b"fragment" in data
+    assert plugin.app.seen == []

@@ -5,7 +5,10 @@ path, and a correct client is not worth rewriting). The handshake with the
 plugin happens before the client is accepted, so the client gets the plugin's
 chosen subprotocol, or the plugin's refusal. After that, messages are relayed
 both ways by two tasks; whichever side closes first closes the other with the
-same code and reason.
+same code and reason. When the plugin closes, what it sent before its close still
+reaches the client, then its close code (RFC 6455 §7.1.2), even if the client was
+sending meanwhile. Once the plugin connection is open it is closed on every way out,
+a client that left during the handshake included.
 """
 
 import asyncio
@@ -19,7 +22,7 @@ from websockets.typing import Subprotocol
 from ._respond import error_body, log_access
 from ._types import Receive, Scope, Send
 from ._upstream import retry_refused
-from .errors import ProxyError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
+from .errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
 from .headers import client_request_id, inspect_request, new_request_id
 from .routing import Route
 
@@ -62,6 +65,8 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
         )
         request_id = info.request_id
         target = proxy.upstream_target(scope, route)
+        if b"#" in target:
+            raise BadRequest("a WebSocket URI must not have a fragment (RFC 6455 §3)")
         headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + proxy.proxy_headers(scope, route, info)
         upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
     except InvalidStatus as exc:
@@ -78,17 +83,21 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
         await deny_websocket(scope, send, exc, request_id, started, route.plugin)
         return
 
-    await send(
-        {"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": [(b"x-request-id", request_id)]}
-    )
-    to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream))
-    to_client = asyncio.ensure_future(_upstream_to_client(upstream, send))
+    relays: list[asyncio.Future[Any]] = []
     try:
-        await asyncio.wait([to_upstream, to_client], return_when=asyncio.FIRST_COMPLETED)
+        accept = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
+        await send({**accept, "headers": [(b"x-request-id", request_id)]})
+        to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream))
+        to_client = asyncio.ensure_future(_upstream_to_client(upstream, send))
+        relays = [to_upstream, to_client]
+        await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        plugin_closed = to_upstream.done() and to_upstream.exception() is None and to_upstream.result() is False
+        if plugin_closed:
+            await to_client  # the plugin closed while the client was sending: relay the rest, then its close
     finally:
-        for task in (to_upstream, to_client):
+        for task in relays:
             task.cancel()
-        await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+        await asyncio.gather(*relays, return_exceptions=True)
         await upstream.close()
         log_access(request_id, scope, route.plugin, 101, started)
 
@@ -135,7 +144,8 @@ async def _open(
     return await retry_refused(open_connection, retry_window=proxy.retry_window)
 
 
-async def _client_to_upstream(receive: Receive, upstream: ClientConnection) -> None:
+async def _client_to_upstream(receive: Receive, upstream: ClientConnection) -> bool:
+    """Relay client messages; return True when the client left, False when the plugin connection closed."""
     while True:
         message = await receive()
         if message["type"] == "websocket.receive":
@@ -143,11 +153,11 @@ async def _client_to_upstream(receive: Receive, upstream: ClientConnection) -> N
             try:
                 await upstream.send(text if text is not None else message.get("bytes") or b"")
             except ConnectionClosed:
-                return
+                return False
         elif message["type"] == "websocket.disconnect":
             code = message.get("code", 1000)
             await upstream.close(1000 if code in _UNSENDABLE else code, message.get("reason") or "")
-            return
+            return True
 
 
 async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
