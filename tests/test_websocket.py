@@ -336,6 +336,38 @@ async def test_plugin_refusal_fails_the_client_handshake_with_a_json_error(
     assert [r["raw_path"] for r in plugin.app.seen] == ["/peak/refuse"]
 
 
+@pytest.mark.parametrize(
+    ("answer", "status", "kept"),
+    [
+        pytest.param(
+            b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="mint"\r\nX-Other: no\r\n',
+            401,
+            {"www-authenticate": 'Bearer realm="mint"'},
+            id="401-keeps-www-authenticate",
+        ),
+        pytest.param(
+            b"HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n",
+            426,
+            {"sec-websocket-version": "13"},
+            id="426-keeps-the-version",
+        ),
+        pytest.param(b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\n", 503, {"retry-after": "5"}, id="503-keeps-retry-after"),
+        pytest.param(b"HTTP/1.1 407 Proxy Auth\r\nProxy-Authenticate: Basic\r\n", 502, {}, id="407-is-a-502"),
+    ],
+)
+async def test_a_refusal_keeps_the_headers_its_status_needs(
+    start_proxy: StartProxy, answer: bytes, status: int, kept: dict[str, str]
+) -> None:
+    """RFC 9110 §11.6.1: a 401 without WWW-Authenticate is invalid; a 407 is not the plugin's to send."""
+    with RawBackend(lambda head, index: answer + b"Content-Length: 0\r\n\r\n") as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        response = (await handshake_refusal(proxy, "/peak/feed")).response
+    assert response.status_code == status
+    assert json.loads(response.body or b"")["request_id"] == response.headers["x-request-id"]
+    for name in ("www-authenticate", "sec-websocket-version", "retry-after", "x-other", "proxy-authenticate"):
+        assert response.headers.get(name) == kept.get(name)
+
+
 async def test_nothing_listening_upstream_fails_the_handshake_with_502(start_proxy: StartProxy) -> None:
     dead = free_port()
     proxy = start_proxy({"/peak": f"http://127.0.0.1:{dead}"}, retry_window=0.2)

@@ -13,6 +13,7 @@ a client that left during the handshake included.
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -35,6 +36,9 @@ _HANDSHAKE = frozenset(
 )
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
+# A plugin's refusal keeps its status, and the headers that status needs to mean anything:
+# RFC 9110 §11.6.1 (401), §15.5.6 (405), §10.2.3 (503/429), RFC 6455 §4.4 (426 version).
+_REFUSAL_HEADERS = frozenset({"www-authenticate", "allow", "retry-after", "sec-websocket-version"})
 
 
 class _UpstreamConnection(ClientConnection):
@@ -71,13 +75,19 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
         upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
     except InvalidStatus as exc:
         # A refusal (4xx/5xx) keeps its status; any other answer to an upgrade is not a WebSocket.
+        # (A 407 would ask the client to authenticate to a proxy: not the plugin's to ask.)
         status = exc.response.status_code
-        error: ProxyError = (
-            UpstreamRefused("the plugin refused the WebSocket", status=status)
-            if status >= 400
-            else UpstreamProtocolError("the plugin did not accept the WebSocket upgrade")
-        )
-        await deny_websocket(scope, send, error, request_id, started, route.plugin)
+        if status >= 400 and status != 407:
+            kept = [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in exc.response.headers.raw_items()
+                if name.lower() in _REFUSAL_HEADERS
+            ]
+            refused = UpstreamRefused("the plugin refused the WebSocket", status=status)
+            await deny_websocket(scope, send, refused, request_id, started, route.plugin, headers=kept)
+        else:
+            error = UpstreamProtocolError("the plugin did not accept the WebSocket upgrade")
+            await deny_websocket(scope, send, error, request_id, started, route.plugin)
         return
     except ProxyError as exc:
         await deny_websocket(scope, send, exc, request_id, started, route.plugin)
@@ -177,14 +187,22 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
 
 
 async def deny_websocket(
-    scope: Scope, send: Send, error: ProxyError, request_id: bytes, started: float, plugin: str
+    scope: Scope,
+    send: Send,
+    error: ProxyError,
+    request_id: bytes,
+    started: float,
+    plugin: str,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Refuse a WebSocket before accepting it: the JSON error as an HTTP response where the
-    server supports the ``websocket.http.response`` extension, else a close (the server
-    then answers 403)."""
+    """Refuse a WebSocket before accepting it: the JSON error (plus ``headers``) as an HTTP
+    response where the server supports the ``websocket.http.response`` extension, else a
+    close (the server then answers 403)."""
     if "websocket.http.response" in scope.get("extensions", {}):
-        body, headers = error_body(error.error, error.detail, request_id)
-        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        body, fields = error_body(error.error, error.detail, request_id)
+        fields += list(headers)
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": fields})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send(
