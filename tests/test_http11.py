@@ -798,3 +798,26 @@ async def test_silent_plugin_in_the_middle_of_the_body_is_a_timeout() -> None:
 
     with pytest.raises(UpstreamTimeout):
         await conn.read_body(0.01)
+
+
+class ClosedHandleTransport(FakeTransport):
+    """uvloop's transport between the handle closing and ``connection_lost`` arriving: writes raise."""
+
+    def write(self, data: Any) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    def writelines(self, list_of_data: Iterable[Any]) -> None:
+        self.write(b"")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["write", "writelines"])
+async def test_a_write_racing_the_close_is_an_upstream_error_not_a_runtime_error(method: str) -> None:
+    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
+    conn.connection_made(ClosedHandleTransport())
+    conn.begin(head_request=False)
+    with pytest.raises(UpstreamUnavailable, match="closed the connection"):
+        if method == "write":
+            conn.write(b"body")
+        else:
+            conn.writelines([b"body"])

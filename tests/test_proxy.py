@@ -715,6 +715,47 @@ def test_an_early_answer_ends_the_wait_for_the_plugin_to_take_the_body(start_pro
     assert elapsed < 5  # not when the plugin finally closes, after 10 s
 
 
+@pytest.mark.parametrize("then", ["shutdown", "stay"])
+def test_an_early_answer_is_relayed_when_the_plugin_closes_or_stays_after_it(
+    start_proxy: StartProxy, then: str
+) -> None:
+    """13: RFC 9110 §15.5.14 lets a server close after a 413. The body chunk that arrives after
+    the answer is never sent, and the connection is never pooled with the plugin waiting for it."""
+    plugin_done = threading.Event()
+
+    def handle(sock: socket.socket, index: int) -> None:
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 2\r\n\r\nno")
+        if then == "shutdown":
+            sock.shutdown(socket.SHUT_WR)
+        plugin_done.wait(10)
+
+    with ScriptedBackend(handle) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+            client.sendall(b"POST /peak/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabcde")
+            time.sleep(0.5)  # the answer (and the close) arrive while the proxy waits for the rest
+            client.sendall(b"fghij")
+            answer = read_until_status(client)
+        idle = proxy.middleware.pool.idle_count()
+        plugin_done.set()
+    assert status_of(answer) == 413
+    assert idle == 0
+
+
+def test_a_long_trailer_field_is_read_and_dropped_not_a_broken_body(start_proxy: StartProxy) -> None:
+    """11: trailers are field lines (RFC 9112 §7.1.2), limited as a whole, not like a chunk-size line."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nx-signature: " + b"a" * 2000 + b"\r\n\r\n"
+    )
+    with RawBackend(lambda head, index: answer) as backend:
+        proxy = start_proxy({"/peak": backend.url})
+        response = raw_request(proxy.port, b"GET /peak/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert response.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
 def read_until_status(sock: socket.socket) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:

@@ -252,8 +252,9 @@ class Connection(asyncio.Protocol):
                 self._chunk_state = _SIZE
                 continue
             eol = data.find(b"\r\n", pos)
-            if eol < 0 or eol - pos > MAX_CHUNK_LINE:
-                if size - pos > MAX_CHUNK_LINE:
+            longest = MAX_CHUNK_LINE if state == _SIZE else MAX_TRAILER_BYTES  # a trailer field is a field line
+            if eol < 0 or eol - pos > longest:
+                if size - pos > longest:
                     return self._fail("the plugin sent a malformed chunked body")
                 self._buf = data[pos:]
                 return
@@ -340,13 +341,22 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.closed or self._transport is None:
-            raise self._error or UpstreamUnavailable("the plugin closed the connection")
-        self._transport.write(data)
+            raise self._closed_error()
+        try:
+            self._transport.write(data)
+        except RuntimeError:  # uvloop: the handle closed before connection_lost was delivered
+            raise self._closed_error() from None
 
     def writelines(self, data: list[bytes]) -> None:
         if self.closed or self._transport is None:
-            raise self._error or UpstreamUnavailable("the plugin closed the connection")
-        self._transport.writelines(data)
+            raise self._closed_error()
+        try:
+            self._transport.writelines(data)
+        except RuntimeError:
+            raise self._closed_error() from None
+
+    def _closed_error(self) -> ProxyError:
+        return self._error or UpstreamUnavailable("the plugin closed the connection")
 
     async def drain(self, timeout: float) -> None:
         """Wait while the plugin is not taking the request body, until it does or answers.

@@ -327,17 +327,20 @@ class ProxyMiddleware:
                         status = CLIENT_CLOSED
                         return
                     chunk: bytes = message.get("body", b"")
-                    more = message.get("more_body", False)
+                    last_chunk = not message.get("more_body", False)
                     received += len(chunk)
                     if limit is not None and received > limit:
                         raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-                    if declared is not None and (received > declared or (not more and received != declared)):
+                    if declared is not None and (received > declared or (last_chunk and received != declared)):
                         raise BadRequest(_LENGTH_MISMATCH)
+                    if conn.head is not None:
+                        break  # it answered while we waited for this chunk, which stays unsent (`more` too)
                     if chunked:
-                        last = b"\r\n" if more else b"\r\n0\r\n\r\n"
-                        conn.writelines([b"%x\r\n" % len(chunk), chunk, last] if chunk else [last[2:]])
+                        end = b"\r\n0\r\n\r\n" if last_chunk else b"\r\n"
+                        conn.writelines([b"%x\r\n" % len(chunk), chunk, end] if chunk else [end[2:]])
                     elif chunk:
                         conn.write(chunk)
+                    more = not last_chunk
                     await conn.drain(timeout)
                 conn.request_complete = not more
                 conn.watch_client(receive)
