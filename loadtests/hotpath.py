@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any
 
 from mint_proxy import ProxyMiddleware, TokenIssuer
@@ -91,21 +91,7 @@ async def run(requests: int) -> float:
     conn.request_complete = True
     conn.idle_since = time.monotonic()
     proxy.pool._idle[route.upstream.address] = [conn]
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    for _ in range(WARMUP):
-        await proxy(_scope(), receive, send)
-    began = time.perf_counter()
-    for _ in range(requests):
-        await proxy(_scope(), receive, send)
-    elapsed = time.perf_counter() - began
+    elapsed, statuses = await _drive(proxy, requests)
     if statuses != [200] * (WARMUP + requests) or proxy.pool.idle_count() != 1:
         raise RuntimeError("the hot path did not answer every request with 200 on one pooled connection")
     return elapsed
@@ -119,6 +105,14 @@ async def run_floor(requests: int) -> float:
     conn = floor._Upstream()
     conn.connection_made(_EchoTransport(loop, conn))  # type: ignore[arg-type]
     floor._idle[:] = [conn]
+    elapsed, statuses = await _drive(floor.app, requests)
+    if statuses != [200] * (WARMUP + requests) or floor._idle != [conn]:
+        raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
+    return elapsed
+
+
+async def _drive(app: Callable[..., Awaitable[None]], requests: int) -> tuple[float, list[int]]:
+    """Send ``app`` WARMUP requests, then ``requests`` timed ones; return the seconds and every status."""
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:
@@ -129,14 +123,11 @@ async def run_floor(requests: int) -> float:
             statuses.append(message["status"])
 
     for _ in range(WARMUP):
-        await floor.app(_scope(), receive, send)
+        await app(_scope(), receive, send)
     began = time.perf_counter()
     for _ in range(requests):
-        await floor.app(_scope(), receive, send)
-    elapsed = time.perf_counter() - began
-    if statuses != [200] * (WARMUP + requests) or floor._idle != [conn]:
-        raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
-    return elapsed
+        await app(_scope(), receive, send)
+    return time.perf_counter() - began, statuses
 
 
 def _instructions(requests: int, *, floor: bool) -> int:

@@ -20,7 +20,17 @@ from mint_proxy import ProxyMiddleware, Route, RouteTable, TokenIssuer, verify_i
 
 from .backends import GZIPPED, Plugin, header_values
 from .conftest import PluginServer, StartProxy
-from .utils import SECRET, RawBackend, ScriptedBackend, free_port, raw_request, read_request, serve, status_of
+from .utils import (
+    SECRET,
+    RawBackend,
+    ScriptedBackend,
+    free_port,
+    raw_request,
+    read_head,
+    read_request,
+    serve,
+    status_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -673,7 +683,7 @@ def test_a_streamed_body_is_never_retried_on_a_new_connection(start_proxy: Start
             client.sendall(b"PUT /peak/x HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nabcd")
             time.sleep(0.2)  # the proxy has sent the head and the first body message upstream
             client.sendall(b"efgh")
-            answer = read_until_status(client)
+            answer = read_head(client)
     assert status_of(answer) == 502
     assert bodies == [b"abcdefgh"]
     assert backend.connections == 1
@@ -736,7 +746,7 @@ def test_an_early_answer_is_relayed_when_the_plugin_closes_or_stays_after_it(
             client.sendall(b"POST /peak/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabcde")
             time.sleep(0.5)  # the answer (and the close) arrive while the proxy waits for the rest
             client.sendall(b"fghij")
-            answer = read_until_status(client)
+            answer = read_head(client)
         idle = proxy.middleware.pool.idle_count()
         plugin_done.set()
     assert status_of(answer) == 413
@@ -754,16 +764,6 @@ def test_a_long_trailer_field_is_read_and_dropped_not_a_broken_body(start_proxy:
         response = raw_request(proxy.port, b"GET /peak/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(response) == 200
     assert response.endswith(b"5\r\nhello\r\n0\r\n\r\n")
-
-
-def read_until_status(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def upload_until_answered(port: int, size: int, *, timeout: float) -> bytes:

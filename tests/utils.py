@@ -178,12 +178,9 @@ class RawBackend(ScriptedBackend):
     def _answer(self, conn: socket.socket, _: int) -> None:
         index = 0
         while not self._stop.is_set():
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                head += data
+            head = read_head(conn)
+            if b"\r\n\r\n" not in head:
+                return
             self.requests.append(head)
             answer = self.respond(head, index)
             index += 1
@@ -199,14 +196,22 @@ class RawBackend(ScriptedBackend):
         return self
 
 
-def read_request(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Read one request with a ``Content-Length`` body (or none) from ``sock``: head and body."""
+def read_head(sock: socket.socket) -> bytes:
+    """Read until a blank line ends a head (with whatever came after it), or the peer closes."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError("closed before a whole request head")
+            break
         data += chunk
+    return data
+
+
+def read_request(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read one request with a ``Content-Length`` body (or none) from ``sock``: head and body."""
+    data = read_head(sock)
+    if b"\r\n\r\n" not in data:
+        raise ConnectionError("closed before a whole request head")
     head, _, body = data.partition(b"\r\n\r\n")
     match = re.search(rb"(?im)^content-length: *([0-9]+)", head)
     length = int(match.group(1)) if match else 0

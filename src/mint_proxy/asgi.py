@@ -213,10 +213,6 @@ class ProxyMiddleware:
             raise BadRequest("the request target must be a path of printable ASCII characters")
         if route.strip_prefix:
             raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))
-            if raw[:3] in (b"%2F", b"%2f"):
-                # The route matched the decoded path, whose next character is this '/':
-                # the plugin's path starts there (as under Starlette's Mount in-process).
-                raw = b"/" + raw[3:]
         base = route.upstream.base_path
         if base:
             raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
@@ -438,12 +434,15 @@ def _strip_decoded(raw: bytes, length: int) -> bytes:
     """Drop the part of ``raw`` that decodes to the first ``length`` characters of the path.
 
     Route prefixes are ASCII, so each of their characters is one raw byte or one
-    ``%XX`` escape; this keeps the rest of the path byte-for-byte as sent.
+    ``%XX`` escape; this keeps the rest of the path byte-for-byte as sent, except
+    that the '/' the route matched on is a '/' even when it came as ``%2F`` (the
+    plugin's path starts there, as under Starlette's ``Mount`` in-process).
     """
     pos = 0
     for _ in range(length):
         pos += 3 if raw[pos : pos + 1] == b"%" else 1
-    return raw[pos:]
+    rest = raw[pos:]
+    return b"/" + rest[3:] if rest[:3] in (b"%2F", b"%2f") else rest
 
 
 def _remove_dot_segments(path: str) -> str:
