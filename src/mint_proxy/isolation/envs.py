@@ -1,0 +1,190 @@
+"""Plugin environments with uv: a venv per isolated plugin, and shared installs into the platform.
+
+Isolated venvs live in ``venvs_dir/<key>``, where the key hashes the resolved
+requirements (the plugin wheel by content), the interpreter and the bundled
+``mint_plugin`` package: restarts and identical plugins reuse one venv. A venv is
+built in a temporary directory beside its final place and renamed into place once
+complete, so a half-built venv is never used. A per-key ``flock`` makes concurrent
+provisioning of one key build it once; the loser of a rename race (a lock that did not
+hold, e.g. on a network filesystem) throws its copy away and uses the winner's.
+
+uv's cache belongs on the venvs' filesystem (``<home>/uv-cache``): uv then hardlinks
+installed files out of it instead of copying them. Bytecode is compiled while
+provisioning, not at the plugin's first import.
+"""
+
+import compileall
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mint_plugin
+
+from ._uv import Uv, uv_message
+from .errors import EnvironmentBuildError, PlatformEnvError, UnsatisfiableRequirement
+from .platform import PlatformEnv
+from .wheels import PluginWheel
+
+#: What the plugin host and the platform client need inside every isolated venv.
+RUNTIME_REQUIREMENTS = ("uvicorn>=0.30", "httpx>=0.27")
+READY_FILE = "mint-venv.json"
+
+
+@dataclass(frozen=True)
+class PluginEnv:
+    """A provisioned isolated venv: where it is, its interpreter, and whether it was reused."""
+
+    key: str
+    path: Path
+    python: Path
+    reused: bool
+
+
+def _mint_plugin_digest() -> str:
+    root = Path(mint_plugin.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def resolve(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, extra: Sequence[str] = RUNTIME_REQUIREMENTS) -> str:
+    """The plugin's full requirement set pinned by uv, one ``name==version`` per line."""
+    with tempfile.TemporaryDirectory(prefix="mint-resolve-") as tmp:
+        requirements = Path(tmp, "requirements.in")
+        requirements.write_text("\n".join([wheel.requirement_line(), *extra]) + "\n")
+        result = uv.run(
+            ["pip", "compile", "--python", platform.python, "--no-header", "--no-annotate", *uv.sources.args(),
+             str(requirements)],
+            plugin=wheel.slug,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise UnsatisfiableRequirement(wheel.slug, f"its requirements cannot be resolved:\n{uv_message(result)}")
+    return result.stdout
+
+
+def venv_key(resolved: str, wheel: PluginWheel, platform: PlatformEnv) -> str:
+    """Hash of (resolved requirements with the wheel by content, interpreter, mint_plugin)."""
+    own = wheel.requirement_line()
+    lines = sorted(
+        f"{wheel.name} sha256={wheel.sha256}" if line.strip() == own or line.startswith(f"{wheel.name} @ ") else line
+        for line in resolved.splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    material = json.dumps({"python": platform.identity, "requirements": lines, "mint_plugin": _mint_plugin_digest()})
+    return hashlib.sha256(material.encode()).hexdigest()[:20]
+
+
+def provision(wheel: PluginWheel, platform: PlatformEnv, *, venvs_dir: Path, uv: Uv) -> PluginEnv:
+    """The plugin's venv under ``venvs_dir``: reused if its key exists, else built and renamed into place."""
+    try:
+        venvs_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".probe-", dir=venvs_dir)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise EnvironmentBuildError(
+            wheel.slug, f"the venv directory {venvs_dir} is not writable: {exc.strerror}"
+        ) from None
+    resolved = resolve(wheel, platform, uv)
+    key = venv_key(resolved, wheel, platform)
+    final = venvs_dir / key
+    if (final / READY_FILE).exists():
+        return PluginEnv(key, final, final / "bin" / "python", reused=True)
+    with _locked(venvs_dir / f".{key}.lock"):
+        if (final / READY_FILE).exists():  # built by whoever held the lock before us
+            return PluginEnv(key, final, final / "bin" / "python", reused=True)
+        _build(wheel, platform, uv, resolved, key, final)
+    return PluginEnv(key, final, final / "bin" / "python", reused=False)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, resolved: str, key: str, final: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        _run(uv, ["venv", "--quiet", "--relocatable", "--allow-existing", "--python", platform.python, str(tmp)], wheel)
+        (tmp / "requirements.txt").write_text(resolved)
+        _run(
+            uv,
+            ["pip", "sync", "--quiet", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
+             *uv.sources.args(), str(tmp / "requirements.txt")],
+            wheel,
+        )  # fmt: skip
+        site_packages = next(tmp.glob("lib/*/site-packages"))
+        target = site_packages / "mint_plugin"
+        shutil.copytree(Path(mint_plugin.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__"))
+        compileall.compile_dir(target, quiet=1)
+        ready = {"key": key, "plugin": wheel.slug, "version": str(wheel.version), "created": time.time()}
+        (tmp / READY_FILE).write_text(json.dumps(ready))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / READY_FILE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost a rename race: the winner's venv is the same
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise EnvironmentBuildError(wheel.slug, f"cannot build its venv in {final.parent}: {exc}") from None
+        raise
+
+
+def _run(uv: Uv, args: list[str], wheel: PluginWheel) -> None:
+    result = uv.run(args, plugin=wheel.slug)
+    if result.returncode != 0:
+        raise EnvironmentBuildError(wheel.slug, f"uv failed building its venv:\n{uv_message(result)}")
+
+
+def install_shared(
+    wheel: PluginWheel, platform: PlatformEnv, uv: Uv, *, constrained: bool, added: Sequence[str]
+) -> None:
+    """Install the wheel into the platform's environment, then ``uv pip check``.
+
+    ``constrained`` pins every installed distribution (what the check verified);
+    a forced plugin is installed as it is. On any failure the distributions this
+    install added (``added``, from the check's dry run, and the plugin) are removed again.
+    """
+    with tempfile.TemporaryDirectory(prefix="mint-shared-") as tmp:
+        requirements = Path(tmp, "requirements.txt")
+        requirements.write_text(wheel.requirement_line() + "\n")
+        args = ["pip", "install", "--quiet", "--compile-bytecode", "--python", platform.python, *uv.sources.args()]
+        if constrained:
+            pins = Path(tmp, "pins.txt")
+            pins.write_text(platform.pins(excluding=frozenset({wheel.name})))
+            args += ["-c", str(pins)]
+        result = uv.run([*args, "-r", str(requirements)], plugin=wheel.slug)
+    if result.returncode != 0:
+        _remove(wheel, platform, uv, added)
+        raise PlatformEnvError(wheel.slug, f"cannot install into the platform's environment:\n{uv_message(result)}")
+    check = uv.run(["pip", "check", "--python", platform.python], plugin=wheel.slug)
+    if check.returncode != 0:
+        _remove(wheel, platform, uv, added)
+        problem = uv_message(check) + ("\n" + check.stdout.strip() if check.stdout.strip() else "")
+        raise PlatformEnvError(wheel.slug, f"uv pip check failed after installing it; removed it again:\n{problem}")
+
+
+def _remove(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, added: Sequence[str]) -> None:
+    names = sorted({wheel.name, *added} - set(platform.dists))
+    if names:
+        uv.run(["pip", "uninstall", "--quiet", "--python", platform.python, *names], plugin=wheel.slug)
+
+
+def uninstall_shared(name: str, platform: PlatformEnv, uv: Uv, *, plugin: str) -> None:
+    """Remove a plugin's own distribution from the platform's environment (it moved to a venv)."""
+    uv.run(["pip", "uninstall", "--quiet", "--python", platform.python, name], plugin=plugin)
