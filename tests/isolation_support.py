@@ -16,9 +16,20 @@ import uv
 
 from .wheels import make_wheel, repack
 
-RUNTIME_DISTS = ("uvicorn", "click", "h11", "httpx", "httpcore", "anyio", "idna", "certifi", "sniffio", "typing_extensions")
+RUNTIME_DISTS = (
+    "uvicorn",
+    "click",
+    "h11",
+    "httpx",
+    "httpcore",
+    "anyio",
+    "idna",
+    "certifi",
+    "sniffio",
+    "typing_extensions",
+)
 
-PLUGIN_APP = '''
+PLUGIN_APP = """
 from mint_plugin.client import PlatformClient
 
 
@@ -29,7 +40,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": answer.status_code,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": answer.content})
-'''
+"""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from mint_proxy.isolation.conflict import stage1
 from mint_proxy.isolation.platform import InstalledDist, PlatformEnv, inspect_platform
 from mint_proxy.isolation.wheels import PluginWheel
 
-from .isolation_support import PlatformVenv, Wheelhouse, fresh_platform, platform_venv, wheelhouse  # noqa: F401
+from .isolation_support import PlatformVenv, Wheelhouse
 from .wheels import make_wheel
 
 pytestmark = pytest.mark.usefixtures("wheelhouse")
@@ -353,7 +353,9 @@ def test_not_a_wheel(tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wh
 def test_requirement_no_index_can_satisfy(platform_venv: PlatformVenv, wheelhouse: Wheelhouse) -> None:
     """A version that exists nowhere is an error naming the plugin and uv's reason."""
     wheel = _plugin(wheelhouse, "wants-future", "newdep>=99")
-    with pytest.raises(UnsatisfiableRequirement, match=r"(?s)^wants-future: its requirements cannot be resolved:\n.*newdep>=99"):
+    with pytest.raises(
+        UnsatisfiableRequirement, match=r"(?s)^wants-future: its requirements cannot be resolved:\n.*newdep>=99"
+    ):
         _plan(platform_venv, wheelhouse, wheel)
 
 
