@@ -90,6 +90,12 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
 
 
 @pytest.fixture(scope="session")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv cache for the session, on the same filesystem as the tests' venvs."""
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture(scope="session")
 def platform_venv(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Wheelhouse) -> PlatformVenv:
     """A read-only platform for the decision tests: tests that install get their own copy."""
     return _make_platform(tmp_path_factory.mktemp("platform") / "venv", wheelhouse)

@@ -70,10 +70,12 @@ def _wait_for_socket(path: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def echo_python(echo_wheel: Path, wheelhouse: Wheelhouse, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def echo_python(
+    echo_wheel: Path, wheelhouse: Wheelhouse, uv_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The echo plugin's isolated venv, provisioned once for the module."""
     home = tmp_path_factory.mktemp("echo-home")
-    uv = Uv(cache_dir=home / "uv-cache", sources=Sources((wheelhouse.path,)))
+    uv = Uv(cache_dir=uv_cache, sources=Sources((wheelhouse.path,)))
     return provision(read_wheel(echo_wheel), inspect_platform(), venvs_dir=home / "venvs", uv=uv).python
 
 

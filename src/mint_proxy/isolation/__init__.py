@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         UvMissing as UvMissing,
         WheelError as WheelError,
     )
-    from .install import Installed as Installed, install as install, plan as plan, recheck as recheck
+    from .flow import Installed as Installed, install as install, plan as plan, recheck as recheck
     from .mount import SharedPlugin as SharedPlugin, SharedPluginsMiddleware as SharedPluginsMiddleware
     from .overrides import Overrides as Overrides, load_overrides as load_overrides
     from .platform import PlatformEnv as PlatformEnv, inspect_platform as inspect_platform
@@ -36,7 +36,7 @@ _WHERE = {
     "Decision": "decision",
     "EnvironmentBuildError": "errors",
     "InstallError": "errors",
-    "Installed": "install",
+    "Installed": "flow",
     "InvalidPluginName": "errors",
     "Overrides": "overrides",
     "OverridesError": "errors",
@@ -50,12 +50,12 @@ _WHERE = {
     "UvMissing": "errors",
     "WheelError": "errors",
     "inspect_platform": "platform",
-    "install": "install",
+    "install": "flow",
     "load_overrides": "overrides",
-    "plan": "install",
+    "plan": "flow",
     "provision": "envs",
     "read_wheel": "wheels",
-    "recheck": "install",
+    "recheck": "flow",
 }
 
 __all__ = sorted(_WHERE)

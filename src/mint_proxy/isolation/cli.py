@@ -98,14 +98,14 @@ def _print(decisions: Sequence["Decision"], as_json: bool) -> None:
 
 
 def _plan_impl(args: argparse.Namespace) -> int:
-    from .install import plan
+    from .flow import plan
 
     _print(plan(args.wheels, **_options(args)), args.json)  # type: ignore[arg-type]
     return EXIT_OK
 
 
 def _install_impl(args: argparse.Namespace) -> int:
-    from .install import install
+    from .flow import install
 
     results = install(args.wheels, config=args.config, home=args.home, **_options(args))  # type: ignore[arg-type]
     _print([result.decision for result in results], False)
@@ -117,7 +117,7 @@ def _install_impl(args: argparse.Namespace) -> int:
 
 
 def _recheck_impl(args: argparse.Namespace) -> int:
-    from .install import recheck
+    from .flow import recheck
 
     decisions = recheck(config=args.config, home=args.home, apply=args.apply, **_options(args))  # type: ignore[arg-type]
     _print(decisions, args.json)

@@ -151,14 +151,13 @@ def _run(uv: Uv, args: list[str], wheel: PluginWheel) -> None:
         raise EnvironmentBuildError(wheel.slug, f"uv failed building its venv:\n{uv_message(result)}")
 
 
-def install_shared(
-    wheel: PluginWheel, platform: PlatformEnv, uv: Uv, *, constrained: bool, added: Sequence[str]
-) -> None:
+def install_shared(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, *, constrained: bool) -> None:
     """Install the wheel into the platform's environment, then ``uv pip check``.
 
-    ``constrained`` pins every installed distribution (what the check verified);
-    a forced plugin is installed as it is. On any failure the distributions this
-    install added (``added``, from the check's dry run, and the plugin) are removed again.
+    ``constrained`` pins every installed distribution (what the check verified); a
+    forced plugin is installed as it is. On any failure the environment is put back as
+    it was: what the install added is removed and what it changed is reinstalled at
+    its old version.
     """
     with tempfile.TemporaryDirectory(prefix="mint-shared-") as tmp:
         requirements = Path(tmp, "requirements.txt")
@@ -169,20 +168,37 @@ def install_shared(
             pins.write_text(platform.pins(excluding=frozenset({wheel.name})))
             args += ["-c", str(pins)]
         result = uv.run([*args, "-r", str(requirements)], plugin=wheel.slug)
-    if result.returncode != 0:
-        _remove(wheel, platform, uv, added)
-        raise PlatformEnvError(wheel.slug, f"cannot install into the platform's environment:\n{uv_message(result)}")
-    check = uv.run(["pip", "check", "--python", platform.python], plugin=wheel.slug)
-    if check.returncode != 0:
-        _remove(wheel, platform, uv, added)
-        problem = uv_message(check) + ("\n" + check.stdout.strip() if check.stdout.strip() else "")
-        raise PlatformEnvError(wheel.slug, f"uv pip check failed after installing it; removed it again:\n{problem}")
+        if result.returncode != 0:
+            restore_platform(platform, uv, plugin=wheel.slug)
+            raise PlatformEnvError(wheel.slug, f"cannot install into the platform's environment:\n{uv_message(result)}")
+        check = uv.run(["pip", "check", "--python", platform.python], plugin=wheel.slug)
+        if check.returncode != 0:
+            restore_platform(platform, uv, plugin=wheel.slug)
+            problem = "\n".join(part for part in (check.stdout.strip(), uv_message(check)) if part)
+            raise PlatformEnvError(
+                wheel.slug, f"uv pip check failed after installing it; the install was undone:\n{problem}"
+            )
 
 
-def _remove(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, added: Sequence[str]) -> None:
-    names = sorted({wheel.name, *added} - set(platform.dists))
-    if names:
-        uv.run(["pip", "uninstall", "--quiet", "--python", platform.python, *names], plugin=wheel.slug)
+def restore_platform(before: PlatformEnv, uv: Uv, *, plugin: str) -> None:
+    """Put the platform's environment back to ``before``: remove additions, reinstall old versions."""
+    from .platform import inspect_platform
+
+    now = inspect_platform(before.python)
+    added = sorted(set(now.dists) - set(before.dists))
+    if added:
+        uv.run(["pip", "uninstall", "--quiet", "--python", before.python, *added], plugin=plugin)
+    changed = [
+        name for name in before.dists if name in now.dists and now.dists[name].version != before.dists[name].version
+    ]
+    if changed:
+        with tempfile.TemporaryDirectory(prefix="mint-restore-") as tmp:
+            old = Path(tmp, "restore.txt")
+            old.write_text("".join(f"{name}=={before.dists[name].version}\n" for name in changed))
+            uv.run(
+                ["pip", "install", "--quiet", "--python", before.python, *uv.sources.args(), "-r", str(old)],
+                plugin=plugin,
+            )
 
 
 def uninstall_shared(name: str, platform: PlatformEnv, uv: Uv, *, plugin: str) -> None:

@@ -82,7 +82,7 @@ class PlatformEnv:
                     requirement = Requirement(line)
                 except ValueError:
                     continue
-                if canonicalize_name(requirement.name) != name:
+                if canonicalize_name(requirement.name) != name or not requirement.specifier:
                     continue
                 if requirement.marker is not None and not requirement.marker.evaluate({**self.markers, "extra": ""}):
                     continue

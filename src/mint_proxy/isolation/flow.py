@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._uv import Sources, Uv
 from .decision import Decision, decide
-from .envs import PluginEnv, install_shared, provision, uninstall_shared
+from .envs import PluginEnv, install_shared, provision, restore_platform, uninstall_shared
 from .errors import InstallError, InvalidPluginName, WheelError
 from .overrides import Overrides
 from .platform import InstalledDist, PlatformEnv, inspect_platform
@@ -129,10 +129,9 @@ def install(
     try:
         for decision in decisions:
             if decision.mode == "shared":
-                added = [dist.name for dist in decision.would_install]
-                install_shared(
-                    decision.wheel, context.platform, context.uv, constrained=not decision.forced, added=added
-                )
+                # pinned against the environment as it is now, earlier shared plugins of this batch included
+                current = inspect_platform(context.platform.python) if shared_done else context.platform
+                install_shared(decision.wheel, current, context.uv, constrained=not decision.forced)
                 shared_done.append(decision)
                 results.append(Installed(decision))
         _keep_wheels(wheel_list, home_dir / "wheels")
@@ -144,8 +143,8 @@ def install(
         ]
         update_spec_file(config, entries)
     except BaseException:
-        for decision in shared_done:
-            uninstall_shared(decision.wheel.name, context.platform, context.uv, plugin=decision.plugin)
+        if shared_done:  # earlier shared plugins of this batch went in: put the platform back
+            restore_platform(context.platform, context.uv, plugin=shared_done[0].plugin)
         raise
     for decision in decisions:  # moved out of the platform: take its old copy out too
         if decision.mode == "isolated" and previous.get(decision.plugin) == "shared":
@@ -155,16 +154,16 @@ def install(
 
 
 def _keep_wheels(wheels: list[PluginWheel], directory: Path) -> None:
+    """Keep ``directory/<slug>/<wheel file>``, the last installed wheel of each plugin."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        keep = {wheel.path.resolve() for wheel in wheels}
-        for old in directory.glob("*.whl"):
-            if old.resolve() not in keep and any(old.name.startswith(f"{wheel.slug}--") for wheel in wheels):
-                old.unlink()
         for wheel in wheels:
-            target = directory / f"{wheel.slug}--{wheel.path.name}"
-            if target.resolve() != wheel.path.resolve():
-                shutil.copy2(wheel.path, target)
+            target = directory / wheel.slug / wheel.path.name
+            if target.exists() and target.resolve() == wheel.path.resolve():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for old in target.parent.glob("*.whl"):
+                old.unlink()
+            shutil.copy2(wheel.path, target)
     except OSError as exc:
         raise InstallError("", f"cannot keep a copy of the wheels in {directory}: {exc}") from None
 
@@ -190,7 +189,7 @@ def recheck(
     shared = [slug for slug, mode in managed_entries(config).items() if mode == "shared"]
     wheels = []
     for slug in shared:
-        kept = sorted((home_dir / "wheels").glob(f"{slug}--*.whl"))
+        kept = sorted((home_dir / "wheels" / slug).glob("*.whl"))
         if not kept:
             raise WheelError(slug, f"no copy of its wheel in {home_dir / 'wheels'}: install it again")
         wheels.append(read_wheel(kept[-1]))
