@@ -26,10 +26,18 @@ def runner_platform() -> PlatformEnv:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> PluginWheel:
+def venvs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One venvs dir for the module, as in production: the runtime layer is built once."""
+    return tmp_path_factory.mktemp("home") / "venvs"
+
+
+@pytest.fixture
+def small(tmp_path: Path, request: pytest.FixtureRequest) -> PluginWheel:
+    """A small plugin wheel of this test's own (its module names the test, so its key is new)."""
+    source = f"app = {request.node.name!r}\n"
     wheel = make_wheel(
-        tmp_path_factory.mktemp("small"), "small-plugin", "1.0", ["newdep<2"],
-        plugin=("small-plugin", "small_plugin:app"), modules={"small_plugin.py": "app = 'the app'\n"},
+        tmp_path / "w", "small-plugin", "1.0", ["newdep<2"],
+        plugin=("small-plugin", "small_plugin:app"), modules={"small_plugin.py": source},
     )  # fmt: skip
     return read_wheel(wheel)
 
@@ -45,11 +53,11 @@ def _leftovers(venvs: Path) -> list[str]:
 
 
 def test_a_provisioned_venv_runs_the_plugin_host_stack(
-    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv
+    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv, venvs: Path
 ) -> None:
     """The venv has the plugin, uvicorn, httpx and a copy of mint_plugin, with bytecode already compiled."""
-    env = provision(small, runner_platform, venvs_dir=tmp_path / "venvs", uv=uv)
-    assert not env.reused and env.path.parent == tmp_path / "venvs"
+    env = provision(small, runner_platform, venvs_dir=venvs, uv=uv)
+    assert not env.reused and env.path.parent == venvs
     code = (
         "import sys, small_plugin, uvicorn, httpx, mint_plugin.client; print(sys.prefix); print(mint_plugin.__file__)"
     )
@@ -61,34 +69,34 @@ def test_a_provisioned_venv_runs_the_plugin_host_stack(
     assert list((site / "mint_plugin" / "__pycache__").glob("client.*.pyc"))
     assert list((site / "uvicorn" / "__pycache__").glob("*.pyc"))
     assert not (site / "mint_proxy").exists()
-    assert _leftovers(tmp_path / "venvs") == []
+    assert _leftovers(venvs) == []
 
 
 def test_the_same_plugin_reuses_its_venv(
-    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv
+    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv, venvs: Path
 ) -> None:
     """Provisioning again (a restart, or an identical wheel elsewhere) reuses the venv by key."""
-    first = provision(small, runner_platform, venvs_dir=tmp_path / "venvs", uv=uv)
+    first = provision(small, runner_platform, venvs_dir=venvs, uv=uv)
     copy = tmp_path / "elsewhere" / small.path.name
     copy.parent.mkdir()
     shutil.copy(small.path, copy)
-    again = provision(read_wheel(copy), runner_platform, venvs_dir=tmp_path / "venvs", uv=uv)
+    again = provision(read_wheel(copy), runner_platform, venvs_dir=venvs, uv=uv)
     assert again == PluginEnv(first.key, first.path, first.python, reused=True)
 
 
 def test_different_requirements_get_a_different_venv(
-    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv
+    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv, venvs: Path
 ) -> None:
     """The key covers the resolved requirements: another dependency version is another venv."""
     other = read_wheel(make_wheel(tmp_path / "w", "small-plugin", "1.0", ["newdep>=2"], plugin=("small-plugin", "m:a")))
     assert (
-        provision(small, runner_platform, venvs_dir=tmp_path / "v", uv=uv).key
-        != provision(other, runner_platform, venvs_dir=tmp_path / "v", uv=uv).key
+        provision(small, runner_platform, venvs_dir=venvs, uv=uv).key
+        != provision(other, runner_platform, venvs_dir=venvs, uv=uv).key
     )
 
 
 def test_concurrent_provisioning_builds_once(
-    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv
+    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv, venvs: Path
 ) -> None:
     """Four provisions of one key at once: one builds, the others wait and reuse it; nothing is left over."""
     results: list[PluginEnv] = []
@@ -98,7 +106,7 @@ def test_concurrent_provisioning_builds_once(
     def run() -> None:
         start.wait()
         try:
-            results.append(provision(small, runner_platform, venvs_dir=tmp_path / "venvs", uv=uv))
+            results.append(provision(small, runner_platform, venvs_dir=venvs, uv=uv))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -110,7 +118,7 @@ def test_concurrent_provisioning_builds_once(
     assert errors == []
     assert len({result.path for result in results}) == 1
     assert sorted(result.reused for result in results) == [False, True, True, True]
-    assert _leftovers(tmp_path / "venvs") == []
+    assert _leftovers(venvs) == []
 
 
 def test_venv_dir_that_cannot_be_created(
@@ -138,7 +146,7 @@ def test_venv_dir_not_writable(tmp_path: Path, small: PluginWheel, uv: Uv, runne
 
 
 def test_a_failed_build_leaves_nothing_behind(
-    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv
+    tmp_path: Path, small: PluginWheel, uv: Uv, runner_platform: PlatformEnv, venvs: Path
 ) -> None:
     """uv failing half way through a build: the error names the plugin, the half-built venv is gone."""
     import uv as uv_package
@@ -148,6 +156,5 @@ def test_a_failed_build_leaves_nothing_behind(
     failing.write_text(f"#!/bin/sh\n{script}\n")
     failing.chmod(0o755)
     with pytest.raises(EnvironmentBuildError, match=r"(?s)^small-plugin: uv failed building its venv:\n.*disk full"):
-        provision(small, runner_platform, venvs_dir=tmp_path / "venvs", uv=dataclasses.replace(uv, binary=str(failing)))
-    assert _leftovers(tmp_path / "venvs") == []
-    assert not any((tmp_path / "venvs").glob("*/bin"))
+        provision(small, runner_platform, venvs_dir=venvs, uv=dataclasses.replace(uv, binary=str(failing)))
+    assert _leftovers(venvs) == []

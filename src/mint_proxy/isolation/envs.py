@@ -13,13 +13,13 @@ installed files out of it instead of copying them. Bytecode is compiled while
 provisioning, not at the plugin's first import.
 """
 
-import compileall
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -116,33 +116,125 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _build(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, resolved: str, key: str, final: Path) -> None:
+    """Clone the runtime layer with hardlinks, sync the plugin's requirements, compile what is new."""
+    base = _runtime_layer(wheel, platform, uv, final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
     try:
-        _run(uv, ["venv", "--quiet", "--relocatable", "--allow-existing", "--python", platform.python, str(tmp)], wheel)
+        os.rmdir(tmp)
+        shutil.copytree(base, tmp, symlinks=True, copy_function=_link_or_copy)
+        (tmp / READY_FILE).unlink()
         (tmp / "requirements.txt").write_text(resolved)
         _run(
             uv,
-            ["pip", "sync", "--quiet", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
-             *uv.sources.args(), str(tmp / "requirements.txt")],
+            ["pip", "sync", "--quiet", "--python", str(tmp / "bin" / "python"), *uv.sources.args(),
+             str(tmp / "requirements.txt")],
             wheel,
         )  # fmt: skip
-        site_packages = next(tmp.glob("lib/*/site-packages"))
-        target = site_packages / "mint_plugin"
-        shutil.copytree(Path(mint_plugin.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__"))
-        compileall.compile_dir(target, quiet=1)
-        ready = {"key": key, "plugin": wheel.slug, "version": str(wheel.version), "created": time.time()}
-        (tmp / READY_FILE).write_text(json.dumps(ready))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / READY_FILE).exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # lost a rename race: the winner's venv is the same
+        _compile(tmp, wheel, platform.cache_tag)
+        _finish(tmp, final, {"key": key, "plugin": wheel.slug, "version": str(wheel.version)})
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise EnvironmentBuildError(wheel.slug, f"cannot build its venv in {final.parent}: {exc}") from None
         raise
+
+
+def _runtime_layer(wheel: PluginWheel, platform: PlatformEnv, uv: Uv, venvs_dir: Path) -> Path:
+    """A compiled venv with only the runtime (uvicorn, httpx, mint_plugin), built once per interpreter.
+
+    Every plugin venv starts as a hardlinked clone of it, so the runtime's files and bytecode
+    are never written or compiled again: a new plugin venv compiles only its own packages.
+    """
+    with tempfile.TemporaryDirectory(prefix="mint-runtime-") as scratch:
+        requirements = Path(scratch, "runtime.in")
+        requirements.write_text("\n".join(RUNTIME_REQUIREMENTS) + "\n")
+        result = uv.run(
+            ["pip", "compile", "--quiet", "--python", platform.python, "--no-header", "--no-annotate",
+             *uv.sources.args(), str(requirements)],
+            plugin=wheel.slug,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise UnsatisfiableRequirement(wheel.slug, f"the plugin runtime cannot be resolved:\n{uv_message(result)}")
+    material = json.dumps({"python": platform.identity, "runtime": result.stdout, "mint_plugin": _mint_plugin_digest()})
+    base = venvs_dir / f".runtime-{hashlib.sha256(material.encode()).hexdigest()[:20]}"
+    if (base / READY_FILE).exists():
+        return base
+    with _locked(venvs_dir / f"{base.name}.lock"):
+        if (base / READY_FILE).exists():
+            return base
+        tmp = Path(tempfile.mkdtemp(prefix=f"{base.name}-", dir=venvs_dir))
+        try:
+            _run(
+                uv,
+                ["venv", "--quiet", "--relocatable", "--allow-existing", "--python", platform.python, str(tmp)],
+                wheel,
+            )
+            (tmp / "requirements.txt").write_text(result.stdout)
+            _run(
+                uv,
+                ["pip", "sync", "--quiet", "--compile-bytecode", "--python", str(tmp / "bin" / "python"),
+                 *uv.sources.args(), str(tmp / "requirements.txt")],
+                wheel,
+            )  # fmt: skip
+            site_packages = next(tmp.glob("lib/*/site-packages"))
+            source = Path(mint_plugin.__file__).parent
+            shutil.copytree(source, site_packages / "mint_plugin", ignore=shutil.ignore_patterns("__pycache__"))
+            _compile(tmp, wheel, platform.cache_tag)
+            _finish(tmp, base, {"runtime": True})
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise EnvironmentBuildError(
+                    wheel.slug, f"cannot build the plugin runtime in {venvs_dir}: {exc}"
+                ) from None
+            raise
+    return base
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hardlinks
+        shutil.copy2(source, target)
+
+
+def _compile(venv: Path, wheel: PluginWheel, cache_tag: str) -> None:
+    """Compile the site-packages files that have no bytecode yet, with the venv's own interpreter.
+
+    Files cloned from the runtime layer keep their (hardlinked) bytecode; only new ones are
+    compiled, in parallel when there are many (a numpy has hundreds).
+    """
+    site_packages = next(venv.glob("lib/*/site-packages"))
+    tag = f".{cache_tag}.pyc"
+    missing = [
+        os.path.join(root, name)
+        for root, dirs, files in os.walk(site_packages)
+        for name in files
+        if name.endswith(".py") and not os.path.exists(os.path.join(root, "__pycache__", name[:-3] + tag))
+    ]
+    if not missing:
+        return
+    listing = venv / ".compile-list"
+    listing.write_text("\n".join(missing) + "\n")
+    parallel = ["-j", "0"] if len(missing) > 100 else []
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-I", "-m", "compileall", "-q", *parallel, "-i", str(listing)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    listing.unlink()
+    if result.returncode != 0:
+        raise EnvironmentBuildError(wheel.slug, f"compiling its bytecode failed:\n{result.stdout}{result.stderr}")
+
+
+def _finish(tmp: Path, final: Path, ready: dict[str, object]) -> None:
+    """Mark ``tmp`` complete and rename it to ``final``; the loser of a rename race drops its copy."""
+    (tmp / READY_FILE).write_text(json.dumps({**ready, "created": time.time()}))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / READY_FILE).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(uv: Uv, args: list[str], wheel: PluginWheel) -> None:

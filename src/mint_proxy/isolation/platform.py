@@ -69,6 +69,7 @@ class PlatformEnv:
     dists: dict[NormalizedName, InstalledDist]
     identity: str = ""
     prefix: str = ""
+    cache_tag: str = ""
     planned: frozenset[NormalizedName] = field(default_factory=frozenset)
 
     def requirements_on(self, name: NormalizedName, *, excluding: frozenset[NormalizedName]) -> list[str]:
@@ -135,5 +136,10 @@ def inspect_platform(python: str | Path | None = None) -> PlatformEnv:
     }
     identity = f"{Path(data['executable']).resolve()}|{data['version']}|{data['cache_tag']}"
     return PlatformEnv(
-        python=executable, markers=data["markers"], dists=dists, identity=identity, prefix=data["prefix"]
+        python=executable,
+        markers=data["markers"],
+        dists=dists,
+        identity=identity,
+        prefix=data["prefix"],
+        cache_tag=data["cache_tag"],
     )
