@@ -158,3 +158,24 @@ def test_a_failed_build_leaves_nothing_behind(
     with pytest.raises(EnvironmentBuildError, match=r"(?s)^small-plugin: uv failed building its venv:\n.*disk full"):
         provision(small, runner_platform, venvs_dir=venvs, uv=dataclasses.replace(uv, binary=str(failing)))
     assert _leftovers(venvs) == []
+
+
+def test_bytecode_of_a_shared_dependency_is_compiled_once_per_home(
+    tmp_path: Path, uv: Uv, runner_platform: PlatformEnv, venvs: Path
+) -> None:
+    """Two plugins with the same dependency: the second venv hardlinks the first one's bytecode
+    (the source files are the same inode, out of uv's cache) instead of compiling it again."""
+    deps = tmp_path / "deps"
+    make_wheel(deps, "sharedlib", "1.0", modules={"sharedlib.py": "VALUE = 1\n"})
+    tool = dataclasses.replace(uv, sources=Sources((*uv.sources.find_links, deps)))
+    envs = []
+    for name in ("first-user", "second-user"):
+        module = name.replace("-", "_")
+        wheel = make_wheel(
+            tmp_path / name, name, "1.0", ["sharedlib"], plugin=(name, f"{module}:app"), modules={f"{module}.py": ""}
+        )
+        envs.append(provision(read_wheel(wheel), runner_platform, venvs_dir=venvs, uv=tool))
+    first, second = (next(env.path.glob("lib/*/site-packages/__pycache__/sharedlib.*.pyc")) for env in envs)
+    assert first.stat().st_ino == second.stat().st_ino
+    run = [str(envs[1].python), "-I", "-c", "import sharedlib; print(sharedlib.VALUE)"]
+    assert subprocess.run(run, capture_output=True, text=True, check=True).stdout == "1\n"

@@ -212,6 +212,7 @@ def _compile(venv: Path, wheel: PluginWheel, cache_tag: str) -> None:
         for name in files
         if name.endswith(".py") and not os.path.exists(os.path.join(root, "__pycache__", name[:-3] + tag))
     ]
+    missing = _borrow_bytecode(venv, site_packages, missing, tag)
     if not missing:
         return
     listing = venv / ".compile-list"
@@ -224,6 +225,41 @@ def _compile(venv: Path, wheel: PluginWheel, cache_tag: str) -> None:
     listing.unlink()
     if result.returncode != 0:
         raise EnvironmentBuildError(wheel.slug, f"compiling its bytecode failed:\n{result.stdout}{result.stderr}")
+
+
+def _borrow_bytecode(venv: Path, site_packages: Path, missing: list[str], tag: str) -> list[str]:
+    """Hardlink bytecode from sibling venvs whose source file is the same inode; return the rest.
+
+    uv hardlinks every installed file out of its cache, so two venvs holding the same
+    distribution share each source file's inode, and a .pyc compiled for one (it records
+    the source's mtime and size) is valid for the other. A numpy is compiled once per home.
+    """
+    donors = [
+        next(sibling.glob("lib/*/site-packages"), None)
+        for sibling in sorted(venv.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        if sibling != venv and (sibling / READY_FILE).exists()
+    ][:8]
+    left = []
+    for path in missing:
+        relative = os.path.relpath(path, site_packages)
+        folder, name = os.path.split(relative)
+        cached = os.path.join(folder, "__pycache__", name[:-3] + tag)
+        source = os.stat(path)
+        for donor in donors:
+            if donor is None:
+                continue
+            try:
+                theirs = os.stat(donor / relative)
+                if (theirs.st_ino, theirs.st_dev) != (source.st_ino, source.st_dev):
+                    continue
+                os.makedirs(site_packages / folder / "__pycache__", exist_ok=True)
+                os.link(donor / cached, site_packages / cached)
+                break
+            except OSError:
+                continue
+        else:
+            left.append(path)
+    return left
 
 
 def _finish(tmp: Path, final: Path, ready: dict[str, object]) -> None:
