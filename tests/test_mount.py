@@ -162,3 +162,16 @@ def test_invalid_slug_and_duplicate_prefix_are_refused() -> None:
             _platform(), plugins=[SharedPlugin("a", _plugin_app()), SharedPlugin("b", _plugin_app(), prefix="/a")],
             register_client=False,
         )  # fmt: skip
+
+
+def test_an_exception_after_the_response_started_aborts_the_connection() -> None:
+    """A plugin that fails mid-stream: the client sees a broken response, never a complete-looking one."""
+
+    async def streaming(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("mid-stream")
+
+    app = SharedPluginsMiddleware(_platform(), plugins=[SharedPlugin("stream", streaming)], register_client=False)
+    with serve(app) as running, pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{running.url}/stream/x")
