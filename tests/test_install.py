@@ -250,3 +250,36 @@ def test_cli_install(
     out = capsys.readouterr().out
     assert "cli-iso: venv " in out and f"wrote {config}" in out
     assert tomllib.loads(config.read_text())["proxy"]["/cli-iso"]["app"] == "cli_iso:app"
+
+
+def test_cli_recheck_json(
+    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mint-proxy recheck --json`` decides the installed shared plugins again and changes nothing without --apply."""
+    config = tmp_path / "spec.toml"
+    options = ["--config", str(config), "--python", str(fresh_platform.python), "--find-links", str(wheelhouse.path)]
+    assert main(["install", str(_plugin(tmp_path / "w", "stays-shared", "fakenum<2")), *options]) == 0
+    capsys.readouterr()
+    before = config.read_text()
+    assert main(["recheck", *options, "--json"]) == 0
+    assert [(d["plugin"], d["mode"]) for d in json.loads(capsys.readouterr().out)] == [("stays-shared", "shared")]
+    assert config.read_text() == before
+
+
+def test_concurrent_installs_keep_both_blocks(tmp_path: Path) -> None:
+    """Two writers of one spec file at once: each block survives (the read-modify-write is locked)."""
+    import threading
+
+    from mint_proxy.isolation.specfile import SpecEntry, update_spec_file
+
+    config = tmp_path / "spec.toml"
+    slugs = [f"plugin-{index}" for index in range(8)]
+    threads = [
+        threading.Thread(target=update_spec_file, args=(config, [SpecEntry(slug, "shared", f"m{index}:app")]))
+        for index, slug in enumerate(slugs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(tomllib.loads(config.read_text())["shared"]) == sorted(f"/{slug}" for slug in slugs)

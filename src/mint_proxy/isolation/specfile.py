@@ -14,6 +14,7 @@ A shared plugin gets ``[shared."/slug"]`` with ``app`` and ``plugin``. The file 
 written atomically (temporary file + ``os.replace``).
 """
 
+import fcntl
 import json
 import os
 import re
@@ -68,7 +69,21 @@ def managed_entries(path: Path) -> dict[str, str]:
 
 
 def update_spec_file(path: Path, entries: list[SpecEntry]) -> None:
-    """Replace or append the blocks of ``entries`` in ``path`` (created if missing)."""
+    """Replace or append the blocks of ``entries`` in ``path`` (created if missing).
+
+    Two installs at once each hold ``.<name>.lock`` beside the file for their
+    read-modify-write, so neither loses the other's block.
+    """
+    try:
+        lock = open(path.parent / f".{path.name}.lock", "a+b")
+    except OSError as exc:
+        raise InstallError("", f"{path}: cannot lock the spec file: {exc.strerror}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _update(path, entries)
+
+
+def _update(path: Path, entries: list[SpecEntry]) -> None:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
