@@ -175,3 +175,48 @@ def test_an_exception_after_the_response_started_aborts_the_connection() -> None
     app = SharedPluginsMiddleware(_platform(), plugins=[SharedPlugin("stream", streaming)], register_client=False)
     with serve(app) as running, pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{running.url}/stream/x")
+
+
+def test_plugin_lifespans_run_with_the_platform() -> None:
+    """A shared plugin's startup runs when the platform starts and its shutdown when it stops;
+    a plugin whose startup fails answers 503, and the platform and other plugins still serve."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.ready = True
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    ready = FastAPI(lifespan=lifespan)
+
+    @ready.get("/api/ready/x")
+    async def ready_route(request: Request) -> dict[str, bool]:
+        return {"ready": request.app.state.ready}
+
+    @asynccontextmanager
+    async def broken_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield
+
+    broken = FastAPI(lifespan=broken_lifespan)
+
+    async def no_lifespan(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    plugins = [SharedPlugin("ready", ready), SharedPlugin("broken", broken), SharedPlugin("plain", no_lifespan)]
+    app = SharedPluginsMiddleware(_platform(), plugins=plugins, register_client=False, mount_path="/api")
+    with serve(app, lifespan="on") as running:
+        assert events == ["startup"]
+        assert httpx.get(f"{running.url}/api/ready/x").json() == {"ready": True}
+        failed = httpx.get(f"{running.url}/api/broken/x")
+        assert failed.status_code == 503 and failed.json()["error"] == "plugin_unavailable"
+        assert httpx.get(f"{running.url}/api/plain/x").status_code == 204
+        assert httpx.get(f"{running.url}/api/health").status_code == 200
+    assert events == ["startup", "shutdown"]

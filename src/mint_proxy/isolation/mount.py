@@ -25,6 +25,9 @@ debug traceback page) is replaced by the JSON 500 as well. After a response has
 started streaming, the connection is aborted instead (a truncated body must not
 look complete), as the proxy does.
 
+Plugin lifespans run with the platform's (startup, shutdown), as the plugin host runs them
+in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``.
+
 The middleware also registers the platform with ``mint_plugin.client`` so shared
 plugins call ``/api/internal`` in-process.
 """
@@ -43,6 +46,7 @@ from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_i
 from ..plugins.spec import check_slug
 from ..routing import _check_prefix, check_mount_path
 from ..tokens import TokenIssuer
+from ._lifespan import PluginLifespan
 
 logger = logging.getLogger("mint_proxy")
 
@@ -85,8 +89,27 @@ class SharedPluginsMiddleware:
             if plugin.prefix in self._plugins:
                 raise ValueError(f"two shared plugins have the prefix {plugin.prefix!r}")
             self._plugins[plugin.prefix] = plugin
+        self._failed: set[str] = set()
         if register_client:
             serve_in_process(self)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
+        sessions = [PluginLifespan(plugin.slug, plugin.app) for plugin in self._plugins.values()]
+
+        async def receive_with_plugins() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                for session in sessions:
+                    await session.start()
+                    if session.failed:
+                        self._failed.add(session.slug)
+            elif message["type"] == "lifespan.shutdown":
+                for session in reversed(sessions):
+                    await session.stop()
+            return message
+
+        await self.app(scope, receive_with_plugins, send)
 
     def match(self, path: str) -> SharedPlugin | None:
         """The plugin whose prefix matches ``path`` at a segment boundary, longest first."""
@@ -104,6 +127,9 @@ class SharedPluginsMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -113,6 +139,13 @@ class SharedPluginsMiddleware:
             return
         raw: RawHeaders = scope["headers"]
         request_id = client_request_id(raw) or new_request_id()
+        if plugin.slug in self._failed:
+            if scope["type"] == "http":
+                detail = f"plugin {plugin.slug!r} failed to start"
+                await send_error(send, 503, "plugin_unavailable", detail, request_id)
+            else:
+                await send({"type": "websocket.close", "code": 1011, "reason": ""})
+            return
         token = self.tokens.token_for(plugin.slug) if self.tokens is not None else None
         headers = [(name, value) for name, value in raw if name not in _OWNED]
         headers.append((REQUEST_ID_HEADER, request_id))
