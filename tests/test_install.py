@@ -41,6 +41,15 @@ def _installed(platform: PlatformVenv) -> dict[str, str]:
     return {name: dist.version for name, dist in inspect_platform(platform.python).dists.items()}
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> Path:
+    """One plugin home for the module (venvs, uv cache, wheel copies), as on a real machine;
+    its uv cache is the session's, so wheels are unpacked once per test run."""
+    path = tmp_path_factory.mktemp("home")
+    (path / "uv-cache").symlink_to(uv_cache)
+    return path
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "plugins.toml"
@@ -49,14 +58,14 @@ def config(tmp_path: Path) -> Path:
 
 
 def test_install_writes_isolated_and_shared_plugins(
-    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse
+    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, home: Path
 ) -> None:
     """A clashing plugin gets a venv and a [proxy] table with its python; a clean one is installed
     into the platform and gets a [shared] table; the hand-written part of the file is kept."""
     shared = _plugin(tmp_path / "w", "good-plugin", "fakenum>=1.20", "newdep")
     isolated = _plugin(tmp_path / "w", "numpy2-plugin", "fakenum>=2")
     results = install(
-        [shared, isolated], config=config, python=fresh_platform.python, find_links=[wheelhouse.path]
+        [shared, isolated], config=config, python=fresh_platform.python, find_links=[wheelhouse.path], home=home
     )  # fmt: skip
     assert [(r.decision.plugin, r.decision.mode) for r in results] == [
         ("good-plugin", "shared"),
@@ -69,7 +78,7 @@ def test_install_writes_isolated_and_shared_plugins(
     proxied = spec["proxy"]["/numpy2-plugin"]
     assert proxied["app"] == "numpy2_plugin:app" and proxied["plugin"] == "numpy2-plugin"
     python = Path(proxied["python"])
-    assert python.exists() and python.parent.parent.parent == tmp_path / ".mint-plugins" / "venvs"
+    assert python.exists() and python.parent.parent.parent == home / "venvs"
     assert spec["proxy"]["/legacy"] == "http://127.0.0.1:8004"
     installed = _installed(fresh_platform)
     assert installed["good-plugin"] == "1.0" and installed["newdep"] == "2.0"
@@ -78,11 +87,11 @@ def test_install_writes_isolated_and_shared_plugins(
 
 
 def test_reinstall_checks_again_and_replaces_the_block(
-    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse
+    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, home: Path
 ) -> None:
     """Installing a new version re-decides; the plugin's block is replaced, not duplicated,
     and a plugin that moves to a venv is taken out of the platform's environment."""
-    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path]}
+    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path], "home": home}
     install([_plugin(tmp_path / "v1", "moving", "fakenum<2")], **options)  # type: ignore[arg-type]
     assert tomllib.loads(config.read_text())["shared"]["/moving"]["plugin"] == "moving"
     (result,) = install([_plugin(tmp_path / "v2", "moving", "fakenum>=2", version="2.0")], **options)  # type: ignore[arg-type]
@@ -94,10 +103,10 @@ def test_reinstall_checks_again_and_replaces_the_block(
 
 
 def test_a_later_plugin_clashes_with_an_installed_shared_one(
-    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse
+    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, home: Path
 ) -> None:
     """Shared plugins are part of the platform: the next install is checked against them."""
-    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path]}
+    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path], "home": home}
     install([_plugin(tmp_path / "w", "first-come", "newdep<2")], **options)  # type: ignore[arg-type]
     (second,) = install([_plugin(tmp_path / "w", "second", "newdep>=2")], **options)  # type: ignore[arg-type]
     assert second.decision.mode == "isolated"
@@ -107,10 +116,10 @@ def test_a_later_plugin_clashes_with_an_installed_shared_one(
 
 
 def test_recheck_moves_a_shared_plugin_the_platform_no_longer_fits(
-    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse
+    tmp_path: Path, config: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, home: Path
 ) -> None:
     """A platform upgrade that breaks a shared plugin: recheck says so, and --apply isolates it."""
-    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path]}
+    options = {"config": config, "python": fresh_platform.python, "find_links": [wheelhouse.path], "home": home}
     install([_plugin(tmp_path / "w", "old-numpy", "fakenum<2")], **options)  # type: ignore[arg-type]
     assert [d.mode for d in recheck(**options)] == ["shared"]  # type: ignore[arg-type]
     upgrade = tmp_path / "upgrade"
@@ -172,7 +181,7 @@ def test_unsatisfiable_isolated_plugin_leaves_nothing(
 
 
 def test_a_hand_written_table_for_the_prefix_is_not_overwritten(
-    tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wheelhouse
+    tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wheelhouse, home: Path
 ) -> None:
     """The installer never replaces a route someone wrote by hand; it says which key is in the way."""
     config = tmp_path / "plugins.toml"
@@ -180,7 +189,7 @@ def test_a_hand_written_table_for_the_prefix_is_not_overwritten(
     with pytest.raises(InstallError, match=r'^taken: .*plugins.toml: key proxy."/taken" is already defined by hand'):
         install(
             [_plugin(tmp_path / "w", "taken", "fakenum>=2")], config=config, python=platform_venv.python,
-            find_links=[wheelhouse.path],
+            find_links=[wheelhouse.path], home=home,
         )  # fmt: skip
 
 
@@ -237,14 +246,14 @@ def test_cli_errors_are_one_line_without_traceback(
 
 
 def test_cli_install(
-    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, capsys: pytest.CaptureFixture[str], home: Path
 ) -> None:
     """``mint-proxy install`` provisions and writes the spec file named by --config."""
     config = tmp_path / "spec.toml"
     wheel = str(_plugin(tmp_path / "w", "cli-iso", "fakenum>=2"))
     status = main(
         ["install", wheel, "--config", str(config), "--python", str(fresh_platform.python),
-         "--find-links", str(wheelhouse.path)]
+         "--find-links", str(wheelhouse.path), "--home", str(home)]
     )  # fmt: skip
     assert status == 0
     out = capsys.readouterr().out
@@ -253,11 +262,12 @@ def test_cli_install(
 
 
 def test_cli_recheck_json(
-    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, capsys: pytest.CaptureFixture[str], home: Path
 ) -> None:
     """``mint-proxy recheck --json`` decides the installed shared plugins again and changes nothing without --apply."""
     config = tmp_path / "spec.toml"
-    options = ["--config", str(config), "--python", str(fresh_platform.python), "--find-links", str(wheelhouse.path)]
+    options = ["--config", str(config), "--python", str(fresh_platform.python), "--find-links", str(wheelhouse.path),
+               "--home", str(home)]  # fmt: skip
     assert main(["install", str(_plugin(tmp_path / "w", "stays-shared", "fakenum<2")), *options]) == 0
     capsys.readouterr()
     before = config.read_text()
