@@ -11,6 +11,9 @@ from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
 from .backends import Plugin
 from .utils import SECRET, Running, serve
 
+# The isolation tests' session fixtures: one wheelhouse, one throwaway platform venv.
+pytest_plugins = ["tests.isolation_support"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=_port, default=DEFAULT_PORT, help="the proxy's port (default: %(default)s)")
     demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after this long")
     demo.set_defaults(run=_demo)
+
+    from .isolation.cli import add_commands  # plan, install, recheck (the isolation extra)
+
+    add_commands(commands)
     return parser
 
 

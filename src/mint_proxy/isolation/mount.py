@@ -1,0 +1,236 @@
+"""Shared mode: plugins mounted in-process under their prefixes, with their failures contained.
+
+    from mint_proxy.isolation import SharedPlugin, SharedPluginsMiddleware
+
+    platform.add_middleware(
+        SharedPluginsMiddleware,
+        plugins=[SharedPlugin("peak-picking", peak_picking_app)],
+        tokens=TokenIssuer(secret),
+        mount_path="/api",
+    )
+
+A request under ``mount_path + "/" + slug`` goes to the plugin's ASGI app; everything
+else goes to the platform. The plugin sees what it would see behind the proxy in
+isolated mode: the path as the client sent it (or, with ``strip_prefix``, the
+prefix moved into ``root_path``), an ``X-Request-Id`` (the client's if acceptable,
+else a new one, by the proxy's rules), its own ``X-Mint-Internal-Token``, and
+``mint_plugin.current_request`` set. A client's own token header is dropped.
+
+Containment: an exception in a plugin becomes the proxy's JSON 500 (``error``,
+``detail``, ``request_id``) for that request only, logged on the ``mint_proxy``
+logger with the slug and request id; no traceback reaches the client. A 5xx
+response start is held until the plugin finishes, so an exception that the
+plugin's own framework already rendered (Starlette's plain-text 500, or its
+debug traceback page) is replaced by the JSON 500 as well. After a response has
+started streaming, the connection is aborted instead (a truncated body must not
+look complete), as the proxy does.
+
+Plugin lifespans run with the platform's (startup, shutdown), as the plugin host runs them
+in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``.
+
+The middleware also registers the platform with ``mint_plugin.client`` so shared
+plugins call ``/api/internal`` in-process.
+"""
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mint_plugin import RequestContext, current_request
+from mint_plugin.client import serve_in_process
+
+from .._respond import send_error
+from .._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
+from ..plugins.spec import check_slug
+from ..routing import _check_prefix, check_mount_path
+from ..tokens import TokenIssuer
+from ._lifespan import PluginLifespan
+
+logger = logging.getLogger("mint_proxy")
+
+#: A held 5xx response is released once it holds this many body bytes (a streaming error page).
+HOLD_LIMIT = 64 * 1024
+_OWNED = frozenset({REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
+
+
+@dataclass(frozen=True)
+class SharedPlugin:
+    """A plugin served in-process: its slug, its ASGI app, its prefix (default ``/<slug>``)."""
+
+    slug: str
+    app: ASGIApp
+    prefix: str = ""
+    strip_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        check_slug(self.slug)
+        object.__setattr__(self, "prefix", _check_prefix(self.prefix or f"/{self.slug}"))
+
+
+class SharedPluginsMiddleware:
+    """Route ``mount_path + prefix`` to in-process plugin apps; everything else to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        plugins: Iterable[SharedPlugin],
+        tokens: TokenIssuer | None = None,
+        mount_path: str = "",
+        register_client: bool = True,
+    ) -> None:
+        self.app = app
+        self.mount_path = check_mount_path(mount_path)
+        self.tokens = tokens
+        self._plugins: dict[str, SharedPlugin] = {}
+        for plugin in plugins:
+            if plugin.prefix in self._plugins:
+                raise ValueError(f"two shared plugins have the prefix {plugin.prefix!r}")
+            self._plugins[plugin.prefix] = plugin
+        self._failed: set[str] = set()
+        if register_client:
+            serve_in_process(self)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
+        sessions = [PluginLifespan(plugin.slug, plugin.app) for plugin in self._plugins.values()]
+
+        async def receive_with_plugins() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                for session in sessions:
+                    await session.start()
+                    if session.failed:
+                        self._failed.add(session.slug)
+            elif message["type"] == "lifespan.shutdown":
+                for session in reversed(sessions):
+                    await session.stop()
+            return message
+
+        await self.app(scope, receive_with_plugins, send)
+
+    def match(self, path: str) -> SharedPlugin | None:
+        """The plugin whose prefix matches ``path`` at a segment boundary, longest first."""
+        mount = self.mount_path
+        if mount:
+            if not path.startswith(mount) or (len(path) > len(mount) and path[len(mount)] != "/"):
+                return None
+            path = path[len(mount) :]
+        end = len(path)
+        while end > 0:
+            plugin = self._plugins.get(path[:end])
+            if plugin is not None:
+                return plugin
+            end = path.rfind("/", 0, end)
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        plugin = self.match(scope["path"])
+        if plugin is None:
+            await self.app(scope, receive, send)
+            return
+        raw: RawHeaders = scope["headers"]
+        request_id = client_request_id(raw) or new_request_id()
+        if plugin.slug in self._failed:
+            if scope["type"] == "http":
+                detail = f"plugin {plugin.slug!r} failed to start"
+                await send_error(send, 503, "plugin_unavailable", detail, request_id)
+            else:
+                await send({"type": "websocket.close", "code": 1011, "reason": ""})
+            return
+        token = self.tokens.token_for(plugin.slug) if self.tokens is not None else None
+        headers = [(name, value) for name, value in raw if name not in _OWNED]
+        headers.append((REQUEST_ID_HEADER, request_id))
+        if token is not None:
+            headers.append((INTERNAL_TOKEN_HEADER, token.encode("ascii")))
+        inner = dict(scope, headers=headers)
+        if plugin.strip_prefix:
+            inner["root_path"] = scope.get("root_path", "") + self.mount_path + plugin.prefix
+        reset = current_request.set(RequestContext(request_id.decode("ascii"), token))
+        try:
+            if scope["type"] == "http":
+                await _serve_http(plugin, inner, receive, send, request_id)
+            else:
+                await _serve_websocket(plugin, inner, receive, send, request_id)
+        finally:
+            current_request.reset(reset)
+
+
+async def _serve_http(plugin: SharedPlugin, scope: Scope, receive: Receive, send: Send, request_id: bytes) -> None:
+    held: list[Message] = []
+    held_bytes = 0
+    started = False  # a response start went to the client
+
+    async def send_with_request_id(message: Message) -> None:
+        nonlocal started, held_bytes
+        if message["type"] == "http.response.start":
+            headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_HEADER]
+            message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id)]}
+            if message["status"] >= 500:
+                held.append(message)
+                return
+            started = True
+        elif held:
+            held.append(message)
+            held_bytes += len(message.get("body", b""))
+            if held_bytes < HOLD_LIMIT or not message.get("more_body", False):
+                return  # complete or small: held until the plugin returns or raises
+            started = True
+            for item in held:
+                await send(item)
+            held.clear()
+            return
+        await send(message)
+
+    try:
+        await plugin.app(scope, receive, send_with_request_id)
+    except Exception:
+        logger.exception("plugin=%s request_id=%s: the plugin raised", plugin.slug, request_id.decode("ascii"))
+        if started:
+            raise _Aborted() from None  # the server aborts the connection; the truncated body never looks complete
+        await send_error(send, 500, "plugin_error", f"plugin {plugin.slug!r} failed on this request", request_id)
+        return
+    for item in held:  # the plugin answered a 5xx itself, and finished without raising
+        await send(item)
+
+
+class _Aborted(Exception):
+    """Raised to make the server abort a response that had already started when the plugin failed."""
+
+
+async def _serve_websocket(plugin: SharedPlugin, scope: Scope, receive: Receive, send: Send, request_id: bytes) -> None:
+    accepted = False
+
+    async def send_tracking(message: Message) -> None:
+        nonlocal accepted
+        if message["type"] == "websocket.accept":
+            accepted = True
+        await send(message)
+
+    try:
+        await plugin.app(scope, receive, send_tracking)
+    except Exception:
+        logger.exception("plugin=%s request_id=%s: the plugin raised", plugin.slug, request_id.decode("ascii"))
+        # RFC 6455 7.4.1: 1011, the server met an unexpected condition; before accepting, a close is a 403.
+        await send({"type": "websocket.close", "code": 1011 if accepted else 1008, "reason": ""})
+
+
+def shared_plugin(slug: str, app: Any, **options: Any) -> SharedPlugin:
+    """``SharedPlugin`` from an ASGI app object or an import string ``"module:attr"``."""
+    if isinstance(app, str):
+        import importlib
+
+        module, _, attr = app.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in (attr or "app").split("."):
+            target = getattr(target, part)
+        app = target
+    return SharedPlugin(slug, app, **options)

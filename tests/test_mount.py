@@ -1,0 +1,222 @@
+"""Shared mode in-process: plugins under their prefixes, failures contained to one request."""
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from mint_plugin import current_request
+from mint_proxy import verify_internal_token
+from mint_proxy.isolation import SharedPlugin, SharedPluginsMiddleware
+from mint_proxy.isolation.mount import shared_plugin
+from mint_proxy.tokens import TokenIssuer
+
+from .utils import SECRET, serve
+
+SLUG = "crashy"
+
+
+def _plugin_app(*, debug: bool = False, base: str = "/api/crashy") -> FastAPI:
+    plugin = FastAPI(debug=debug)
+
+    @plugin.get(f"{base}/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    @plugin.get(f"{base}/ok")
+    async def ok(request: Request) -> dict[str, Any]:
+        context = current_request.get()
+        return {
+            "request_id": request.headers.get("x-request-id"),
+            "token": request.headers.get("x-mint-internal-token"),
+            "context_id": context.request_id if context else None,
+            "path": request.url.path,
+        }
+
+    @plugin.get(f"{base}/busy")
+    async def busy() -> JSONResponse:
+        return JSONResponse({"busy": True}, status_code=503)
+
+    return plugin
+
+
+def _platform() -> FastAPI:
+    platform = FastAPI()
+
+    @platform.get("/api/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return platform
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    app = SharedPluginsMiddleware(
+        _platform(),
+        plugins=[
+            SharedPlugin(SLUG, _plugin_app()),
+            SharedPlugin("debugging", _plugin_app(debug=True, base="/api/dbg"), prefix="/dbg"),
+        ],
+        tokens=TokenIssuer(SECRET),
+        mount_path="/api",
+        register_client=False,
+    )
+    with serve(app) as running:
+        yield running.url
+
+
+def test_a_crashing_route_is_a_json_500_with_the_request_id(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception in a plugin route becomes the proxy's JSON 500, logged with slug and request id."""
+    with caplog.at_level(logging.ERROR, logger="mint_proxy"):
+        response = httpx.get(f"{url}/api/crashy/boom", headers={"X-Request-Id": "crash-1"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "error": "plugin_error",
+        "detail": "plugin 'crashy' failed on this request",
+        "request_id": "crash-1",
+    }
+    assert response.headers["x-request-id"] == "crash-1"
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+    (record,) = [r for r in caplog.records if "plugin=crashy" in r.getMessage()]
+    assert "request_id=crash-1" in record.getMessage()
+    assert record.exc_info is not None and "secret internals" in str(record.exc_info[1])
+
+
+def test_other_routes_and_the_platform_keep_serving_after_a_crash(url: str) -> None:
+    """The crash is contained to its request: the same plugin and the platform keep answering."""
+    with httpx.Client(base_url=url) as client:
+        assert client.get("/api/crashy/boom").status_code == 500
+        assert client.get("/api/crashy/ok").status_code == 200
+        assert client.get("/api/health").json() == {"status": "ok"}
+        assert client.get("/api/crashy/boom").status_code == 500
+        assert client.get("/api/crashy/ok").status_code == 200
+
+
+def test_a_debug_traceback_page_never_reaches_the_client(url: str) -> None:
+    """A plugin framework in debug mode renders a traceback page; the client gets the JSON 500 instead."""
+    response = httpx.get(f"{url}/api/dbg/boom")
+    assert response.status_code == 500
+    assert response.json()["error"] == "plugin_error"
+    assert "secret internals" not in response.text
+
+
+def test_a_5xx_the_plugin_answers_itself_passes_through(url: str) -> None:
+    """Only exceptions are replaced: a 503 the plugin chose to send reaches the client as sent."""
+    response = httpx.get(f"{url}/api/crashy/busy")
+    assert (response.status_code, response.json()) == (503, {"busy": True})
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_the_plugin_sees_the_same_headers_as_behind_the_proxy(url: str) -> None:
+    """Request id by the proxy's rules, its own internal token, the full path, and current_request set."""
+    response = httpx.get(f"{url}/api/crashy/ok", headers={"X-Request-Id": "abc.1", "X-Mint-Internal-Token": "forged"})
+    seen = response.json()
+    assert seen["request_id"] == seen["context_id"] == "abc.1"
+    assert verify_internal_token(seen["token"], SECRET, plugin=SLUG).plugin == SLUG
+    assert seen["path"] == "/api/crashy/ok"
+    invalid = httpx.get(f"{url}/api/crashy/ok", headers={"X-Request-Id": "bad id with spaces"}).json()
+    assert invalid["request_id"] != "bad id with spaces" and len(invalid["request_id"]) == 32
+
+
+def test_prefixes_match_at_segment_boundaries(url: str) -> None:
+    """``/api/crashyX`` is not the plugin's; it falls through to the platform (404 there)."""
+    assert httpx.get(f"{url}/api/crashyX/ok").status_code == 404
+    assert httpx.get(f"{url}/crashy/ok").status_code == 404  # outside mount_path
+
+
+@pytest.mark.anyio
+async def test_strip_prefix_moves_the_prefix_into_root_path() -> None:
+    """With strip_prefix the plugin routes on the path below its prefix, as behind a stripping proxy."""
+    plugin = FastAPI()
+
+    @plugin.get("/ok")
+    async def ok(request: Request) -> dict[str, str]:
+        return {"root_path": request.scope["root_path"]}
+
+    app = SharedPluginsMiddleware(
+        _platform(), plugins=[SharedPlugin("strip", plugin, strip_prefix=True)], mount_path="/api",
+        register_client=False,
+    )  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/api/strip/ok")).json() == {"root_path": "/api/strip"}
+
+
+def test_shared_plugin_from_an_import_string() -> None:
+    """``"module:attr"`` is imported, as the spec file's ``app`` key names it."""
+    plugin = shared_plugin("paths", "os.path:join")
+    assert plugin.prefix == "/paths" and callable(plugin.app)
+
+
+def test_invalid_slug_and_duplicate_prefix_are_refused() -> None:
+    """A bad slug or two plugins on one prefix are refused when the middleware is built."""
+    with pytest.raises(ValueError, match="not valid"):
+        SharedPlugin("Bad Slug", _plugin_app())
+    with pytest.raises(ValueError, match="two shared plugins"):
+        SharedPluginsMiddleware(
+            _platform(), plugins=[SharedPlugin("a", _plugin_app()), SharedPlugin("b", _plugin_app(), prefix="/a")],
+            register_client=False,
+        )  # fmt: skip
+
+
+def test_an_exception_after_the_response_started_aborts_the_connection() -> None:
+    """A plugin that fails mid-stream: the client sees a broken response, never a complete-looking one."""
+
+    async def streaming(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("mid-stream")
+
+    app = SharedPluginsMiddleware(_platform(), plugins=[SharedPlugin("stream", streaming)], register_client=False)
+    with serve(app) as running, pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{running.url}/stream/x")
+
+
+def test_plugin_lifespans_run_with_the_platform() -> None:
+    """A shared plugin's startup runs when the platform starts and its shutdown when it stops;
+    a plugin whose startup fails answers 503, and the platform and other plugins still serve."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.ready = True
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    ready = FastAPI(lifespan=lifespan)
+
+    @ready.get("/api/ready/x")
+    async def ready_route(request: Request) -> dict[str, bool]:
+        return {"ready": request.app.state.ready}
+
+    @asynccontextmanager
+    async def broken_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield
+
+    broken = FastAPI(lifespan=broken_lifespan)
+
+    async def no_lifespan(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    plugins = [SharedPlugin("ready", ready), SharedPlugin("broken", broken), SharedPlugin("plain", no_lifespan)]
+    app = SharedPluginsMiddleware(_platform(), plugins=plugins, register_client=False, mount_path="/api")
+    with serve(app, lifespan="on") as running:
+        assert events == ["startup"]
+        assert httpx.get(f"{running.url}/api/ready/x").json() == {"ready": True}
+        failed = httpx.get(f"{running.url}/api/broken/x")
+        assert failed.status_code == 503 and failed.json()["error"] == "plugin_unavailable"
+        assert httpx.get(f"{running.url}/api/plain/x").status_code == 204
+        assert httpx.get(f"{running.url}/api/health").status_code == 200
+    assert events == ["startup", "shutdown"]
