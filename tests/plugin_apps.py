@@ -60,6 +60,7 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
         return
     path = scope["path"]
     log.info("handling %s", path)
+    path = "/" + path.rsplit("/", 1)[-1]  # behind a proxy that keeps the prefix, too
     if path == "/healthz":
         health_file = os.environ.get("HEALTH_FILE", "")
         await _respond(send, 200 if os.path.exists(health_file) else 503, b"")

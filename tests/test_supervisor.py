@@ -132,7 +132,7 @@ async def test_exit_while_starting_fails_at_once_with_the_last_lines(runtime_dir
 async def test_startup_timeout_stops_the_plugin_and_counts_a_crash(runtime_dir: str) -> None:
     """A plugin not ready within startup_timeout is stopped, counted as a crash, and goes FATAL at the limit."""
     policy = RestartPolicy(backoff_initial=0.01, backoff_max=0.01, crash_limit=1)
-    spec = app_spec("slow", app="never_ready", startup_timeout=0.5, restart=policy)
+    spec = app_spec("slow", app="never_ready", startup_timeout=0.5, stop_timeout=0.5, restart=policy)
     async with supervising([spec], runtime_dir) as supervisor:
         status = supervisor.status()["slow"]
         assert status.state is PluginState.FATAL
@@ -310,3 +310,39 @@ def test_a_spec_with_an_unknown_slug_is_a_key_error() -> None:
     supervisor = PluginSupervisor([PluginSpec("known", app="x:y", restart=FAST)], runtime_dir="/nonexistent")
     with pytest.raises(KeyError, match="unknown"):
         asyncio.run(supervisor.start_plugin("unknown"))
+
+
+async def test_command_plugin_on_the_socket_placeholder(runtime_dir: str) -> None:
+    """A command with {socket} (here plain `uvicorn --uds`) listens on the plugin's fixed socket path."""
+    spec = PluginSpec(
+        "cmd",
+        command=(sys.executable, "-m", "uvicorn", "tests.plugin_apps:hello", "--uds", "{socket}"),
+        cwd=REPO_ROOT,
+        restart=FAST,
+        startup_timeout=DEADLINE,
+    )
+    async with supervising([spec], runtime_dir) as supervisor:
+        status = supervisor.status()["cmd"]
+        assert status.state is PluginState.READY and status.endpoint == f"unix:{runtime_dir}/cmd.sock"
+        async with unix_client(status) as client:
+            assert (await client.get("/whoami", headers={"X-Request-Id": "r1"})).status_code == 200
+
+
+async def test_command_plugin_on_the_port_placeholder_keeps_its_port_across_restarts(runtime_dir: str) -> None:
+    """{port}: the supervisor holds the loopback port for the plugin, so a restart finds it again."""
+    spec = PluginSpec(
+        "web",
+        command=(sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"),
+        restart=FAST,
+        startup_timeout=DEADLINE,
+        stop_timeout=2.0,
+    )
+    changes = Changes()
+    async with supervising([spec], runtime_dir, on_change=changes) as supervisor:
+        status = supervisor.status()["web"]
+        assert status.state is PluginState.READY and status.endpoint.startswith("http://127.0.0.1:")
+        assert status.pid is not None
+        mark = len(changes.seen)
+        os.killpg(status.pid, signal.SIGKILL)
+        ready = await changes.wait_for("web", PluginState.READY, after=mark)
+        assert ready.endpoint == status.endpoint and ready.pid != status.pid
