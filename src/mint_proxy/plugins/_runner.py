@@ -35,7 +35,7 @@ from .spec import PluginSpec, PluginState, PluginStatus
 logger = logging.getLogger("mint_proxy.plugins")
 
 _PROBE_TIMEOUT = 5.0
-_PROBE_INTERVAL_MAX = 0.5
+_PROBE_INTERVAL_MAX = 0.1  # a failed connect costs microseconds; READY 100 ms late costs more
 _DRAIN_AFTER_EXIT = 1.0  # how long to wait for the last output once the leader has exited
 
 Outcome = Literal["ready", "exited", "timeout", "stopped"]
