@@ -272,7 +272,7 @@ def _kill(process: "subprocess.Popen[str]") -> None:
 def test_sigkilled_supervisor_leaves_no_plugin_process_after_two_seconds() -> None:
     """Killing the supervisor with SIGKILL takes every plugin process with it (PDEATHSIG, lifeline)."""
     with short_tempdir() as runtime_dir:
-        process, pids = _start_supervisor_process(runtime_dir, stop_timeout=1.0)
+        process, pids = _start_supervisor_process(runtime_dir, stop_timeout=0.5)
         members = set().union(*(group_members(pid) for pid in pids.values()))
         assert len(members) == 3  # the host; the watchdog and its command
         _kill(process)
@@ -346,3 +346,34 @@ async def test_command_plugin_on_the_port_placeholder_keeps_its_port_across_rest
         os.killpg(status.pid, signal.SIGKILL)
         ready = await changes.wait_for("web", PluginState.READY, after=mark)
         assert ready.endpoint == status.endpoint and ready.pid != status.pid
+
+
+_LEAVES_A_CHILD = (
+    "import socket, subprocess, sys\n"
+    "subprocess.Popen(['sleep', '600'])  # same group, same stdout/stderr pipes\n"
+    "server = socket.socket(fileno=int(sys.argv[1]))\n"
+    "while True:\n"
+    "    conn, _ = server.accept()\n"
+    "    conn.recv(65536)\n"
+    "    conn.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n')\n"
+    "    conn.close()\n"
+)
+
+
+async def test_leader_death_is_noticed_while_its_children_hold_the_pipes(runtime_dir: str) -> None:
+    """A crashed group leader counts at once even if children keep its output open; they are killed."""
+    spec = PluginSpec(
+        "parent", command=(sys.executable, "-c", _LEAVES_A_CHILD, "{fd}"), restart=FAST, startup_timeout=DEADLINE
+    )
+    changes = Changes()
+    async with supervising([spec], runtime_dir, on_change=changes) as supervisor:
+        status = supervisor.status()["parent"]
+        assert status.pid is not None
+        members = group_members(status.pid)
+        assert len(members) == 3  # watchdog, command, sleep
+        mark = len(changes.seen)
+        os.kill(status.pid, signal.SIGKILL)  # the leader alone
+        backoff = await changes.wait_for("parent", PluginState.BACKOFF, after=mark)
+        assert backoff.last_exit == "signal SIGKILL"
+        assert await asyncio.to_thread(wait_all_exited, members, DEADLINE) == set()
+        await changes.wait_for("parent", PluginState.READY, after=mark)
