@@ -8,16 +8,19 @@ from .runtime import (
     ensure_runtime_dir,
     read_state,
     read_status,
+    supervisor_running,
     sweep,
 )
 from .spec import UNAVAILABLE_STATES, PluginSpec, PluginState, PluginStatus, RestartPolicy, check_slug
 from .supervisor import PluginSupervisor
+from .views import PluginStatusApp
 
 __all__ = [
     "UNAVAILABLE_STATES",
     "PluginSpec",
     "PluginState",
     "PluginStatus",
+    "PluginStatusApp",
     "PluginSupervisor",
     "RestartPolicy",
     "RuntimeDirError",
@@ -28,5 +31,6 @@ __all__ = [
     "ensure_runtime_dir",
     "read_state",
     "read_status",
+    "supervisor_running",
     "sweep",
 ]

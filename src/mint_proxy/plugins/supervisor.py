@@ -68,7 +68,13 @@ class PluginSupervisor:
 
     @property
     def started(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
         return self._context is not None
+
+    @property
+    def started_at(self) -> float:
+        """Epoch of the last ``start()`` (0.0 before the first)."""
+        return self._started
 
     def status(self) -> dict[str, PluginStatus]:
         """Every plugin's current status, by slug (STOPPED for those not started yet)."""
@@ -112,7 +118,7 @@ class PluginSupervisor:
             runner.close()
         context, self._context = self._context, None
         if context is not None:
-            self._write_state(context.runtime_dir)
+            self._write_state(context.runtime_dir, stopped=time.time())
             self._last.update((slug, runner.status()) for slug, runner in self._runners.items())
             os.close(context.lifeline)
             os.close(self._lifeline_write)
@@ -190,9 +196,9 @@ class PluginSupervisor:
             except Exception:
                 logger.exception("on_change callback failed for %s", status.slug)
 
-    def _write_state(self, runtime_dir: str | None = None) -> None:
+    def _write_state(self, runtime_dir: str | None = None, *, stopped: float | None = None) -> None:
         directory = runtime_dir or (self._context.runtime_dir if self._context else self.runtime_dir)
         try:
-            runtime.write_state(directory, self.status(), pid=os.getpid(), started=self._started)
+            runtime.write_state(directory, self.status(), pid=os.getpid(), started=self._started, stopped=stopped)
         except OSError as exc:
             logger.error("cannot write %s: %s", os.path.join(directory, runtime.STATE_FILE), exc)
