@@ -377,3 +377,25 @@ async def test_leader_death_is_noticed_while_its_children_hold_the_pipes(runtime
         assert backoff.last_exit == "signal SIGKILL"
         assert await asyncio.to_thread(wait_all_exited, members, DEADLINE) == set()
         await changes.wait_for("parent", PluginState.READY, after=mark)
+
+
+async def test_reconcile_restarts_only_what_changed(runtime_dir: str) -> None:
+    """A reloaded plugin set: the unchanged plugin keeps its process, the edited one restarts,
+    the dropped one stops, the new one starts."""
+    keep, edit, drop = app_spec("keep"), app_spec("edit"), app_spec("drop")
+    async with supervising([keep, edit, drop], runtime_dir) as supervisor:
+        before = supervisor.status()
+        edited = app_spec("edit", env={"VERSION": "2"})
+        after = await supervisor.reconcile([keep, edited, app_spec("new")])
+        assert set(after) == {"keep", "edit", "new"}
+        assert after["keep"].pid == before["keep"].pid
+        assert after["edit"].state is PluginState.READY and after["edit"].pid != before["edit"].pid
+        assert after["new"].state is PluginState.READY
+        assert set(read_status(runtime_dir)) == {"keep", "edit", "new"}
+        async with unix_client(after["edit"]) as client:
+            assert (await client.get("/env")).json()["VERSION"] == "2"
+        dropped = before["drop"].pid
+        assert dropped is not None and wait_all_exited({dropped}, DEADLINE) == set()
+        await supervisor.stop_plugin("keep")
+        stopped = await supervisor.update(app_spec("keep", env={"VERSION": "2"}))
+        assert stopped.state is PluginState.STOPPED  # a plugin stopped by hand stays stopped

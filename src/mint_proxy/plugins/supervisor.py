@@ -152,6 +152,35 @@ class PluginSupervisor:
             return self.status()[spec.slug]
         return await self.start_plugin(spec.slug)
 
+    async def update(self, spec: PluginSpec) -> PluginStatus:
+        """Run ``spec`` from now on: add it if new; if it differs from the current one, restart
+        only that plugin with it; if it is equal, leave the running plugin alone."""
+        current = self._specs.get(spec.slug)
+        if current is None:
+            return await self.add(spec)
+        if current == spec:
+            return self.status()[spec.slug]
+        runner = self._runners.get(spec.slug)
+        was_running = runner is not None and runner.state is not PluginState.STOPPED  # FATAL too: retry
+        await self.stop_plugin(spec.slug)
+        if runner is not None:
+            del self._runners[spec.slug]
+            runner.close()
+        self._specs[spec.slug] = spec
+        if self._context is not None and was_running:
+            return await self.start_plugin(spec.slug)
+        if self._context is not None:
+            self._write_state()
+        return self.status()[spec.slug]
+
+    async def reconcile(self, specs: Iterable[PluginSpec]) -> dict[str, PluginStatus]:
+        """Make the supervised set exactly ``specs`` (a reloaded config): remove plugins not in it,
+        add new ones, restart changed ones; unchanged plugins keep running untouched."""
+        wanted = {spec.slug: spec for spec in specs}
+        await asyncio.gather(*(self.remove(slug) for slug in list(self._specs) if slug not in wanted))
+        await asyncio.gather(*(self.update(spec) for spec in wanted.values()))
+        return self.status()
+
     async def remove(self, slug: str) -> None:
         """Stop a plugin and forget it."""
         await self.stop_plugin(slug)
