@@ -1,5 +1,7 @@
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,24 @@ def clean_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Each test's default runtime dir (lock, state, generated secret) is its own, never the user's.
+
+    The per-user default sits under the temp dir: point ``tempfile`` (and ``TMPDIR`` for
+    child processes) at a short fresh directory, short enough for Unix socket paths.
+    """
+    tmp_path_factory.getbasetemp()  # pytest's own base dir stays where it was
+    directory = tempfile.mkdtemp(prefix="mp-", dir="/tmp")
+    saved = tempfile.tempdir
+    tempfile.tempdir = directory
+    os.environ["TMPDIR"] = directory
+    os.environ.pop("XDG_RUNTIME_DIR", None)
+    yield directory
+    tempfile.tempdir = saved
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(params=["h11", "httptools"])

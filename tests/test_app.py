@@ -329,7 +329,7 @@ def test_dev_app_without_lifespan_loads_on_the_first_request(peak_config: Path, 
     assert app.proxy is not None
 
 
-def test_dev_app_without_a_secret_warns_and_uses_a_random_one(
+def test_dev_app_without_a_secret_warns_and_uses_one_generated_in_the_runtime_dir(
     peak_config: Path, plugin: PluginServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = DevProxyApp(environ={CONFIG_ENV: str(peak_config)})
@@ -337,7 +337,7 @@ def test_dev_app_without_a_secret_warns_and_uses_a_random_one(
         assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
     warnings = [r for r in caplog.records if r.name == "mint_proxy" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert SECRET_ENV in warnings[0].getMessage() and "random secret" in warnings[0].getMessage()
+    assert SECRET_ENV in warnings[0].getMessage() and "generated" in warnings[0].getMessage()
     [token] = header_values(plugin.app.seen[0], "x-mint-internal-token")
     with pytest.raises(InvalidInternalToken, match="signature"):
         verify_internal_token(token, SECRET)
@@ -350,7 +350,7 @@ def test_dev_app_lifespan_shows_the_random_secret_warning_on_stderr(
     with serve(app, lifespan="on", log_level="info") as running:
         assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
     err = capsys.readouterr().err
-    assert re.search(rf"WARNING mint_proxy: {SECRET_ENV} is not set: .*random secret", err)
+    assert re.search(rf"WARNING mint_proxy: {SECRET_ENV} is not set: .*generated", err)
     assert re.search(r'"GET /peak/x" plugin=peak status=200', err)
 
 
@@ -473,7 +473,7 @@ def test_uvicorn_app_without_a_secret_warns_on_stderr(
 ) -> None:
     child = run_uvicorn(**{CONFIG_ENV: str(peak_config)})
     line = child.wait_for_stderr(f"{SECRET_ENV} is not set")
-    assert "WARNING" in line and "random secret" in line
+    assert "WARNING" in line and "generated" in line
     child.wait_for_stderr("Uvicorn running on")
     assert child.get("/peak/x").status_code == 200
     [token] = header_values(plugin.app.seen[0], "x-mint-internal-token")
