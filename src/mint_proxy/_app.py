@@ -139,19 +139,27 @@ class DevProxyApp:
         await receive()  # lifespan.startup
         try:
             _show_access_log()
-            proxy = self.setup()
-            if proxy.app is not None:
-                self._lifespan_runner = LifespanRunner(proxy.app)
-                await self._lifespan_runner.startup()
-            await self._elect()
+            await self.start()
         except MintProxyError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
-        self._watching = asyncio.ensure_future(self._poll())
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         await self.close()
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def start(self) -> None:
+        """Set up, start the platform's lifespan, supervise if elected, and start polling.
+
+        ``mint-proxy supervise`` calls this (and ``close``) without serving HTTP: the
+        same code path, in a process of its own.
+        """
+        proxy = self.setup()
+        if proxy.app is not None:
+            self._lifespan_runner = LifespanRunner(proxy.app)
+            await self._lifespan_runner.startup()
+        await self._elect()
+        self._watching = asyncio.ensure_future(self._poll())
 
     async def close(self) -> None:
         """Stop polling, stop supervising (plugins stop), close idle connections, shut the platform down."""
