@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +24,7 @@ from mint_proxy.plugins.spec import PluginState, PluginStatus
 
 from .backends import header_values
 from .conftest import PluginServer
-from .test_app import Uvicorn, poll, run_uvicorn, write_config  # noqa: F401 (a fixture)
+from .test_app import Uvicorn, child_env, poll, write_config
 from .utils import read_head
 
 RETRY_WINDOW = 2.0
@@ -57,9 +57,7 @@ def worker_pids(master: int) -> set[int]:
 
 
 @pytest.fixture
-def two_workers(
-    tmp_path: Path, plugin: PluginServer, run_uvicorn: Callable[..., Uvicorn]
-) -> Iterator[tuple[Uvicorn, Path]]:
+def two_workers(tmp_path: Path, plugin: PluginServer) -> Iterator[tuple[Uvicorn, Path]]:
     """Two workers on one config: /ok goes to a live plugin, /down to a socket nobody listens on."""
     runtime_dir = tmp_path / "run"
     config = tmp_path / "config.dev.toml"
@@ -73,10 +71,14 @@ def two_workers(
         "/down" = "unix:{runtime_dir}/down.sock"
         """,
     )
-    child = run_uvicorn("--workers", "2", **{CONFIG_ENV: str(config), RUNTIME_DIR_ENV: str(runtime_dir)})
-    poll(lambda: child.running() and len(worker_pids(child.proc.pid)) == 2, 20, "two workers")
-    poll(lambda: sum("Application startup complete" in line for line in child.stderr) >= 2, 20, "both started")
-    yield child, runtime_dir
+    env = child_env(**{CONFIG_ENV: str(config), RUNTIME_DIR_ENV: str(runtime_dir)})
+    child = Uvicorn("--workers", "2", env=env, cwd=tmp_path)
+    try:
+        poll(lambda: child.running() and len(worker_pids(child.proc.pid)) == 2, 20, "two workers")
+        poll(lambda: sum("Application startup complete" in line for line in child.stderr) >= 2, 20, "both started")
+        yield child, runtime_dir
+    finally:
+        child.stop()
 
 
 def keep_alive_pair(port: int, first: str, second: str) -> tuple[bytes, bytes, float]:
