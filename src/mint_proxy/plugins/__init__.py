@@ -1,5 +1,32 @@
 """Running isolated plugins: specs, the supervisor, and the runtime directory they share."""
 
-from .spec import PluginSpec, PluginState, PluginStatus, RestartPolicy
+from .runtime import (
+    RuntimeDirError,
+    StateFileError,
+    SupervisorState,
+    default_runtime_dir,
+    ensure_runtime_dir,
+    read_state,
+    read_status,
+    sweep,
+)
+from .spec import UNAVAILABLE_STATES, PluginSpec, PluginState, PluginStatus, RestartPolicy, check_slug
+from .supervisor import PluginSupervisor
 
-__all__ = ["PluginSpec", "PluginState", "PluginStatus", "RestartPolicy"]
+__all__ = [
+    "UNAVAILABLE_STATES",
+    "PluginSpec",
+    "PluginState",
+    "PluginStatus",
+    "PluginSupervisor",
+    "RestartPolicy",
+    "RuntimeDirError",
+    "StateFileError",
+    "SupervisorState",
+    "check_slug",
+    "default_runtime_dir",
+    "ensure_runtime_dir",
+    "read_state",
+    "read_status",
+    "sweep",
+]
