@@ -242,7 +242,7 @@ class DevProxyApp:
                         await supervisor.remove(slug)
                     await supervisor.add(spec)
                     self._specs[slug] = spec
-            except MintProxyError as exc:
+            except (MintProxyError, KeyError, ValueError) as exc:
                 logger.error("applying the plugin changes: %s", exc)
 
     async def _poll(self) -> None:
