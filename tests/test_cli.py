@@ -3,6 +3,7 @@
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,10 @@ from websockets.sync.client import connect
 from mint_proxy import __version__
 from mint_proxy.cli import main
 from mint_proxy.devconfig import CONFIG_ENV, SECRET_ENV
+from mint_proxy.plugins.runtime import read_state
 from mint_proxy.tokens import verify_internal_token
+
+from .utils import read_head
 
 SECRET = "test-internal-token-secret-0123456789abcdef"  # >= 32 bytes
 GOOD_CONFIG = """\
@@ -290,7 +294,8 @@ def demo() -> Iterator[dict[str, str]]:
         printed = child.wait_for("Ctrl-C to stop.")
         words = [word.strip("'") for line in printed for word in line.split()]
         urls = [word for word in words if word.startswith(("http://", "ws://"))]
-        yield {"proxy": urls[0], **{urlsplit(url).path: url for url in urls[1:]}}
+        runtime_dir = words[words.index("--runtime-dir") + 1]
+        yield {"proxy": urls[0], "runtime_dir": runtime_dir, **{urlsplit(url).path: url for url in urls[1:]}}
     finally:
         assert child.stop() == 0, "".join(child.seen)
 
@@ -303,7 +308,41 @@ def test_demo_prints_the_urls_to_try(demo: dict[str, str]) -> None:
         "/api/peak-picking/peaks",
         "/api/peak-picking/run",
         "proxy",
+        "runtime_dir",
     ]
+
+
+def test_demo_plugins_are_processes_the_supervisor_runs(demo: dict[str, str]) -> None:
+    state = read_state(demo["runtime_dir"])
+    assert state is not None
+    assert {slug: str(status.state) for slug, status in state.plugins.items()} == {
+        "peak-picking": "READY",
+        "lcms-sequence": "READY",
+    }
+    for status in state.plugins.values():
+        assert status.pid is not None and status.pid != state.pid and os.path.exists(f"/proc/{status.pid}")
+        assert status.endpoint == f"unix:{demo['runtime_dir']}/{status.slug}.sock"
+
+
+def test_demo_keep_alive_requests_after_the_first_are_not_delayed(demo: dict[str, str]) -> None:
+    """Without TCP_NODELAY on the demo's listening socket, every request after the first on a
+    keep-alive connection waited ~40 ms for the client's delayed ACK (Nagle). Even the fastest
+    of five would take that long, so the bound is on the fastest, far below 40 ms."""
+    address = urlsplit(demo["proxy"])
+    request = b"GET /api/peak-picking/peaks?n=1 HTTP/1.1\r\nHost: demo\r\n\r\n"
+    took = []
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        for _ in range(6):
+            started = time.perf_counter()
+            sock.sendall(request)
+            head = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: *([0-9]+)", head).group(1))  # type: ignore[union-attr]
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += sock.recv(65536)
+            took.append(time.perf_counter() - started)
+    assert min(took[1:]) < 0.010, took
 
 
 def test_demo_peaks_echo_the_request_id_and_the_verified_plugin(demo: dict[str, str]) -> None:
