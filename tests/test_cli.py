@@ -386,3 +386,167 @@ def test_demo_on_a_busy_port_suggests_another(capsys: pytest.CaptureFixture[str]
         busy.listen()
         assert main(["demo", "--port", str(busy.getsockname()[1]), "--duration", "1"]) == 1
     assert "--port" in capsys.readouterr().err
+
+
+# --- token --kid, the generated secret, status, check and serve --platform with plugins -----------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        pytest.param(["--kid", "2026-12"], {}, id="flag"),
+        pytest.param([], {"MINT_INTERNAL_TOKEN_KID": "2026-12"}, id="environment"),
+        pytest.param(["--kid", "2026-12"], {"MINT_INTERNAL_TOKEN_KID": "other"}, id="flag-wins"),
+    ],
+)
+def test_token_carries_the_key_id_a_rotation_verifier_needs(
+    argv: list[str], environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(["token", "peak-picking", *argv]) == 0
+    token = capsys.readouterr().out.strip()
+    # The README's rotation example: a mapping of kid -> secret refuses a token without a kid.
+    assert verify_internal_token(token, {"2026-12": SECRET, "2026-05": "x" * 40}).plugin == "peak-picking"
+
+
+def test_token_with_an_empty_kid_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    assert main(["token", "p", "--kid", ""]) == 2
+    assert "--kid: kid must be a non-empty str" in capsys.readouterr().err
+
+
+def test_token_uses_the_secret_the_proxy_generated_in_the_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mint_proxy.plugins._secret import shared_secret
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.setenv("MINT_PROXY_RUNTIME_DIR", str(tmp_path))
+    secret = shared_secret(str(tmp_path))
+    assert main(["token", "peak-picking"]) == 0
+    assert verify_internal_token(capsys.readouterr().out.strip(), secret).plugin == "peak-picking"
+
+
+def test_status_without_a_supervisor_says_so_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 1
+    assert "no supervisor has written a state file here yet" in capsys.readouterr().out
+    assert main(["status", "--runtime-dir", str(tmp_path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["supervisor"] is None
+
+
+def test_status_of_a_broken_state_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "state.json").write_text("{")
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a mint-proxy state file" in err and "Traceback" not in err
+
+
+def test_status_reads_the_runtime_dir_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mint_proxy.plugins.runtime import write_state
+    from mint_proxy.plugins.spec import PluginState, PluginStatus
+
+    runtime_dir = tmp_path / "rt"
+    runtime_dir.mkdir()
+    config = tmp_path / "config.dev.toml"
+    config.write_text(f'[settings]\nruntime_dir = "{runtime_dir}"\n[proxy."/p"]\napp = "m:app"\n')
+    write_state(
+        str(runtime_dir), {"p": PluginStatus("p", "/p", PluginState.BACKOFF, "unix:x", restarts=3)}, pid=1, started=0
+    )
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "NOT running" in out.splitlines()[0]
+    assert out.splitlines()[3].split()[:4] == ["p", "BACKOFF", "-", "3"]
+
+
+def test_check_lists_supervised_plugins_with_their_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text(
+        f'[settings]\nruntime_dir = "{tmp_path}"\n[proxy."/p"]\ncommand = "uvicorn m:app --uds {{socket}}"\n'
+    )
+    assert main(["check", str(config)]) == 0
+    assert f"unix:{tmp_path}/p.sock" in capsys.readouterr().out
+
+
+def test_check_names_file_key_and_problem_for_plugin_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text('[proxy."/p"]\napp = "m:app"\ncrash_limit = 0\n')
+    assert main(["check", str(config)]) == 2
+    assert f'{config}: [proxy."/p"].crash_limit: must be a positive integer, got 0' in capsys.readouterr().err
+
+
+def test_serve_with_an_unimportable_platform_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text("")
+    assert main(["serve", "--config", str(config), "--platform", "no_such_module:app", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--platform 'no_such_module:app'" in err and "Traceback" not in err
+
+
+PLATFORM = """
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                print("platform-started", flush=True)
+            kind = message["type"].removeprefix("lifespan.")
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    body = ("platform saw " + scope["path"]).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+@pytest.mark.parametrize("kind", ["import-string", "url"])
+def test_serve_platform_gets_what_no_route_matches(tmp_path: Path, kind: str) -> None:
+    """One port serves the whole product: routes go to plugins, everything else to the platform,
+    either imported and run behind the proxy (its lifespan included) or at a URL run by hand."""
+    (tmp_path / "the_platform.py").write_text(PLATFORM)
+    backend = tmp_path / "plugin.py"
+    backend.write_text(PLATFORM.replace("platform saw", "plugin saw"))
+    plugin_port, platform_port, port = free_port(), free_port(), free_port()
+    env = {**os.environ, SECRET_ENV: SECRET, "PYTHONPATH": str(tmp_path)}
+    config = tmp_path / "config.dev.toml"
+    config.write_text(f'[proxy]\n"/peak" = "http://127.0.0.1:{plugin_port}"\n')
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "plugin:app", "--port", str(plugin_port), "--log-level", "warning"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+        )
+    ]
+    target = "the_platform:app"
+    if kind == "url":
+        target = f"http://127.0.0.1:{platform_port}"
+        argv = [sys.executable, "-m", "uvicorn", "the_platform:app", "--port", str(platform_port)]
+        servers.append(
+            subprocess.Popen([*argv, "--log-level", "warning"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+        )
+    child = _Child("serve", "--config", str(config), "--port", str(port), "--platform", target, env=env)
+    try:
+        child.wait_for("Uvicorn running on")
+        if kind == "import-string":
+            assert any("platform-started" in line for line in child.seen)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                plugin = httpx.get(f"http://127.0.0.1:{port}/peak/x", timeout=10)
+                platform = httpx.get(f"http://127.0.0.1:{port}/experiments/7", timeout=10)
+                if plugin.status_code == 200 and platform.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the plugin and platform never both answered"
+            time.sleep(0.1)
+        assert plugin.text == "plugin saw /peak/x"
+        assert platform.text == "platform saw /experiments/7"
+    finally:
+        child.stop()
+        for server in servers:
+            server.terminate()
+            server.wait(15)
