@@ -194,7 +194,14 @@ print(json.dumps({
     "read": during["read"],
     "control_opened": [os.fsdecode(p) for p in opened if isinstance(p, (str, bytes))],
     "control_read": read,
-    "allowed": [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(mint_proxy.__file__)],
+    # The distribution's own packages: mint_proxy and mint_plugin (the supervisor's plugin host).
+    "allowed": [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(mint_proxy.__file__),
+        os.path.dirname(sys.modules["mint_plugin"].__file__ or ""),
+    ],
     "proxy": repr(mint_proxy.app.proxy),
 }))
 """

@@ -125,7 +125,7 @@ class DevProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
             return
         proxy = self.proxy
         if proxy is None:
@@ -135,11 +135,11 @@ class DevProxyApp:
             self._watching = asyncio.ensure_future(self._poll())
         await proxy(scope, receive, send)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
             _show_access_log()
-            await self.start()
+            await self.start(state=scope.get("state"))
         except MintProxyError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
@@ -148,15 +148,16 @@ class DevProxyApp:
         await self.close()
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def start(self) -> None:
+    async def start(self, *, state: dict[str, Any] | None = None) -> None:
         """Set up, start the platform's lifespan, supervise if elected, and start polling.
 
         ``mint-proxy supervise`` calls this (and ``close``) without serving HTTP: the
-        same code path, in a process of its own.
+        same code path, in a process of its own. ``state`` is the server's lifespan state,
+        shared with the platform's lifespan so its requests see what its startup stored.
         """
         proxy = self.setup()
         if proxy.app is not None:
-            self._lifespan_runner = LifespanRunner(proxy.app)
+            self._lifespan_runner = LifespanRunner(proxy.app, state=state)
             await self._lifespan_runner.startup()
         await self._elect()
         self._watching = asyncio.ensure_future(self._poll())

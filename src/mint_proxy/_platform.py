@@ -66,14 +66,19 @@ class LifespanRunner:
     run without it, as uvicorn's ``--lifespan auto`` does.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, state: dict[str, Any] | None = None) -> None:
         self.app = app
+        self.state = {} if state is None else state
         self._to_app: asyncio.Queue[Message] = asyncio.Queue()
         self._from_app: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
-        scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        scope: dict[str, Any] = {
+            "type": "lifespan",
+            "asgi": {"version": "3.0", "spec_version": "2.0"},
+            "state": self.state,
+        }
         self._task = asyncio.ensure_future(self._run(scope))
         await self._to_app.put({"type": "lifespan.startup"})
         answer = await self._from_app.get()
