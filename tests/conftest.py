@@ -1,4 +1,5 @@
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -106,3 +107,14 @@ def start_proxy(http: str) -> Iterator[StartProxy]:
             return ProxyServer(running.url, running.port, middleware, table)
 
         yield start
+
+
+@pytest.fixture(autouse=True)
+def restore_mint_proxy_logger() -> Iterator[None]:
+    """``DevProxyApp``'s lifespan gives the ``mint_proxy`` logger a stderr handler; undo it after each test."""
+    logger = logging.getLogger("mint_proxy")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    logger.setLevel(level)

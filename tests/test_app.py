@@ -33,17 +33,6 @@ RELOAD_DEADLINE = 10.0  # seconds an edit may take to apply (the watcher polls e
 OTHER_SECRET = "a-different-secret-for-the-dev-app-0123456789"  # >= 32 bytes, not SECRET
 
 
-@pytest.fixture(autouse=True)
-def restore_mint_proxy_logger() -> Iterator[None]:
-    """``DevProxyApp``'s lifespan gives the ``mint_proxy`` logger a stderr handler; undo it after each test."""
-    logger = logging.getLogger("mint_proxy")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.propagate = propagate
-    logger.setLevel(level)
-
-
 def write_config(path: Path, text: str) -> None:
     """Write ``text`` and make sure the mtime moves forward, whatever the filesystem's clock granularity."""
     before = path.stat().st_mtime_ns if path.exists() else 0
