@@ -23,7 +23,8 @@ log = logging.getLogger("plugin_apps")
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -60,6 +61,7 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
         return
     path = scope["path"]
     log.info("handling %s", path)
+    path = "/" + path.rsplit("/", 1)[-1]  # behind a proxy that keeps the prefix, too
     if path == "/healthz":
         health_file = os.environ.get("HEALTH_FILE", "")
         await _respond(send, 200 if os.path.exists(health_file) else 503, b"")

@@ -258,8 +258,9 @@ def test_supervise_runs_the_plugins_and_workers_that_only_route_use_them(tmp_pat
         assert supervise.stop() == 0  # SIGTERM: the plugins stop with it
         poll(lambda: not os.path.exists(f"/proc/{plugin_pid}"), DEADLINE, "the plugin stopped")
         assert states(runtime_dir)["hello"] == "STOPPED"
-        response = proxy.get("/hello/x")
-        assert response.status_code == 503 and response.json()["error"] == "plugin_unavailable"
+        # The worker that only routes reads the new state on its next poll: from then on, 503 at once.
+        poll(lambda: proxy.get("/hello/x").status_code == 503, DEADLINE, "the routing worker refuses it")
+        assert proxy.get("/hello/x").json()["error"] == "plugin_unavailable"
     finally:
         supervise.stop()
         proxy.stop()

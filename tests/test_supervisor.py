@@ -132,7 +132,7 @@ async def test_exit_while_starting_fails_at_once_with_the_last_lines(runtime_dir
 async def test_startup_timeout_stops_the_plugin_and_counts_a_crash(runtime_dir: str) -> None:
     """A plugin not ready within startup_timeout is stopped, counted as a crash, and goes FATAL at the limit."""
     policy = RestartPolicy(backoff_initial=0.01, backoff_max=0.01, crash_limit=1)
-    spec = app_spec("slow", app="never_ready", startup_timeout=0.5, restart=policy)
+    spec = app_spec("slow", app="never_ready", startup_timeout=0.5, stop_timeout=0.5, restart=policy)
     async with supervising([spec], runtime_dir) as supervisor:
         status = supervisor.status()["slow"]
         assert status.state is PluginState.FATAL
@@ -272,7 +272,7 @@ def _kill(process: "subprocess.Popen[str]") -> None:
 def test_sigkilled_supervisor_leaves_no_plugin_process_after_two_seconds() -> None:
     """Killing the supervisor with SIGKILL takes every plugin process with it (PDEATHSIG, lifeline)."""
     with short_tempdir() as runtime_dir:
-        process, pids = _start_supervisor_process(runtime_dir, stop_timeout=1.0)
+        process, pids = _start_supervisor_process(runtime_dir, stop_timeout=0.5)
         members = set().union(*(group_members(pid) for pid in pids.values()))
         assert len(members) == 3  # the host; the watchdog and its command
         _kill(process)
@@ -310,3 +310,92 @@ def test_a_spec_with_an_unknown_slug_is_a_key_error() -> None:
     supervisor = PluginSupervisor([PluginSpec("known", app="x:y", restart=FAST)], runtime_dir="/nonexistent")
     with pytest.raises(KeyError, match="unknown"):
         asyncio.run(supervisor.start_plugin("unknown"))
+
+
+async def test_command_plugin_on_the_socket_placeholder(runtime_dir: str) -> None:
+    """A command with {socket} (here plain `uvicorn --uds`) listens on the plugin's fixed socket path."""
+    spec = PluginSpec(
+        "cmd",
+        command=(sys.executable, "-m", "uvicorn", "tests.plugin_apps:hello", "--uds", "{socket}"),
+        cwd=REPO_ROOT,
+        restart=FAST,
+        startup_timeout=DEADLINE,
+    )
+    async with supervising([spec], runtime_dir) as supervisor:
+        status = supervisor.status()["cmd"]
+        assert status.state is PluginState.READY and status.endpoint == f"unix:{runtime_dir}/cmd.sock"
+        async with unix_client(status) as client:
+            assert (await client.get("/whoami", headers={"X-Request-Id": "r1"})).status_code == 200
+
+
+async def test_command_plugin_on_the_port_placeholder_keeps_its_port_across_restarts(runtime_dir: str) -> None:
+    """{port}: the supervisor holds the loopback port for the plugin, so a restart finds it again."""
+    spec = PluginSpec(
+        "web",
+        command=(sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"),
+        restart=FAST,
+        startup_timeout=DEADLINE,
+        stop_timeout=2.0,
+    )
+    changes = Changes()
+    async with supervising([spec], runtime_dir, on_change=changes) as supervisor:
+        status = supervisor.status()["web"]
+        assert status.state is PluginState.READY and status.endpoint.startswith("http://127.0.0.1:")
+        assert status.pid is not None
+        mark = len(changes.seen)
+        os.killpg(status.pid, signal.SIGKILL)
+        ready = await changes.wait_for("web", PluginState.READY, after=mark)
+        assert ready.endpoint == status.endpoint and ready.pid != status.pid
+
+
+_LEAVES_A_CHILD = (
+    "import socket, subprocess, sys\n"
+    "subprocess.Popen(['sleep', '600'])  # same group, same stdout/stderr pipes\n"
+    "server = socket.socket(fileno=int(sys.argv[1]))\n"
+    "while True:\n"
+    "    conn, _ = server.accept()\n"
+    "    conn.recv(65536)\n"
+    "    conn.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n')\n"
+    "    conn.close()\n"
+)
+
+
+async def test_leader_death_is_noticed_while_its_children_hold_the_pipes(runtime_dir: str) -> None:
+    """A crashed group leader counts at once even if children keep its output open; they are killed."""
+    spec = PluginSpec(
+        "parent", command=(sys.executable, "-c", _LEAVES_A_CHILD, "{fd}"), restart=FAST, startup_timeout=DEADLINE
+    )
+    changes = Changes()
+    async with supervising([spec], runtime_dir, on_change=changes) as supervisor:
+        status = supervisor.status()["parent"]
+        assert status.pid is not None
+        members = group_members(status.pid)
+        assert len(members) == 3  # watchdog, command, sleep
+        mark = len(changes.seen)
+        os.kill(status.pid, signal.SIGKILL)  # the leader alone
+        backoff = await changes.wait_for("parent", PluginState.BACKOFF, after=mark)
+        assert backoff.last_exit == "signal SIGKILL"
+        assert await asyncio.to_thread(wait_all_exited, members, DEADLINE) == set()
+        await changes.wait_for("parent", PluginState.READY, after=mark)
+
+
+async def test_reconcile_restarts_only_what_changed(runtime_dir: str) -> None:
+    """A reloaded plugin set: the unchanged plugin keeps its process, the edited one restarts,
+    the dropped one stops, the new one starts."""
+    keep, edit, drop = app_spec("keep"), app_spec("edit"), app_spec("drop")
+    async with supervising([keep, edit, drop], runtime_dir) as supervisor:
+        before = supervisor.status()
+        edited = app_spec("edit", env={"VERSION": "2"})
+        after = await supervisor.reconcile([keep, edited, app_spec("new")])
+        assert set(after) == {"keep", "edit", "new"}
+        assert after["keep"].pid == before["keep"].pid
+        assert after["edit"].state is PluginState.READY and after["edit"].pid != before["edit"].pid
+        assert after["new"].state is PluginState.READY
+        assert set(read_status(runtime_dir)) == {"keep", "edit", "new"}
+        async with unix_client(after["edit"]) as client:
+            assert (await client.get("/env")).json()["VERSION"] == "2"
+        dropped = before["drop"].pid
+        assert dropped is not None and wait_all_exited({dropped}, DEADLINE) == set()
+        await supervisor.stop_plugin("keep")
+        stopped = await supervisor.update(app_spec("keep", env={"VERSION": "2"}))
+        assert stopped.state is PluginState.STOPPED  # a plugin stopped by hand stays stopped

@@ -43,7 +43,7 @@ try:
     from uvicorn.importer import ImportFromStringError, import_from_string
 
     from mint_plugin import RequestContext, current_request
-except ImportError as exc:  # pragma: no cover - a misprovisioned venv
+except ImportError as exc:  # a misprovisioned venv
     sys.exit(f"mint_plugin host: {exc.name or exc} is not installed for {sys.executable}")
 
 _STARTUP_FAILURE = 3

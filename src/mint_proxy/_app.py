@@ -228,23 +228,17 @@ class DevProxyApp:
             if supervisor is None:
                 await self._supervise(specs)
                 return
+            before = dict(self._specs)
             wanted = {spec.slug: spec for spec in specs}
+            for slug in before.keys() - wanted.keys():
+                logger.info("plugin %s removed from the config: stopping it", slug)
+            for slug in sorted(slug for slug in wanted.keys() & before.keys() if wanted[slug] != before[slug]):
+                logger.info("plugin %s changed in the config: restarting it", slug)
             try:
-                for slug in [slug for slug in self._specs if slug not in wanted]:
-                    logger.info("plugin %s removed from the config: stopping it", slug)
-                    await supervisor.remove(slug)
-                    del self._specs[slug]
-                for slug, spec in wanted.items():
-                    old = self._specs.get(slug)
-                    if old == spec:
-                        continue
-                    if old is not None:
-                        logger.info("plugin %s changed in the config: restarting it", slug)
-                        await supervisor.remove(slug)
-                    await supervisor.add(spec)
-                    self._specs[slug] = spec
+                await supervisor.reconcile(specs)
             except (MintProxyError, KeyError, ValueError) as exc:
                 logger.error("applying the plugin changes: %s", exc)
+            self._specs = wanted
 
     async def _poll(self) -> None:
         """Every ``POLL_INTERVAL``: config edits, the plugins' state, and the supervisor lock."""

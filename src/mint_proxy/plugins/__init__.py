@@ -1,6 +1,6 @@
 """Running isolated plugins: specs, the supervisor, and the runtime directory they share."""
 
-from ._views import status_app, status_document
+from ._views import status_document
 from .runtime import (
     RuntimeDirError,
     StateFileError,
@@ -9,16 +9,19 @@ from .runtime import (
     ensure_runtime_dir,
     read_state,
     read_status,
+    supervisor_running,
     sweep,
 )
 from .spec import UNAVAILABLE_STATES, PluginSpec, PluginState, PluginStatus, RestartPolicy, check_slug
 from .supervisor import PluginSupervisor
+from .views import PluginStatusApp
 
 __all__ = [
     "UNAVAILABLE_STATES",
     "PluginSpec",
     "PluginState",
     "PluginStatus",
+    "PluginStatusApp",
     "PluginSupervisor",
     "RestartPolicy",
     "RuntimeDirError",
@@ -29,7 +32,7 @@ __all__ = [
     "ensure_runtime_dir",
     "read_state",
     "read_status",
-    "status_app",
     "status_document",
+    "supervisor_running",
     "sweep",
 ]

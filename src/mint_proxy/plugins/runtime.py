@@ -93,12 +93,23 @@ class SupervisorState:
     pid: int
     started: float
     plugins: dict[str, PluginStatus]
+    stopped: float | None = None  # epoch of the supervisor's stop(), if it stopped cleanly
 
 
-def write_state(runtime_dir: str, plugins: Mapping[str, PluginStatus], *, pid: int, started: float) -> None:
+def write_state(
+    runtime_dir: str,
+    plugins: Mapping[str, PluginStatus],
+    *,
+    pid: int,
+    started: float,
+    stopped: float | None = None,
+) -> None:
     """Replace ``<runtime_dir>/state.json`` atomically (temp file + ``os.replace``)."""
+    supervisor: dict[str, Any] = {"pid": pid, "started": started}
+    if stopped is not None:
+        supervisor["stopped"] = stopped
     document = {
-        "supervisor": {"pid": pid, "started": started},
+        "supervisor": supervisor,
         "plugins": {slug: status.to_json() for slug, status in plugins.items()},
     }
     _write_atomic(os.path.join(runtime_dir, STATE_FILE), json.dumps(document, indent=1))
@@ -121,9 +132,48 @@ def read_state(runtime_dir: str | os.PathLike[str]) -> SupervisorState | None:
         document = json.loads(text)
         supervisor = document["supervisor"]
         plugins = {str(slug): PluginStatus.from_json(data) for slug, data in document["plugins"].items()}
-        return SupervisorState(int(supervisor["pid"]), float(supervisor["started"]), plugins)
+        stopped = supervisor.get("stopped")
+        return SupervisorState(
+            int(supervisor["pid"]), float(supervisor["started"]), plugins, None if stopped is None else float(stopped)
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StateFileError(f"{path}: not a mint-proxy state file ({exc!r})") from exc
+
+
+def supervisor_running(state: SupervisorState) -> bool:
+    """Whether the supervisor that wrote ``state`` still runs (PID reuse safe where /proc exists).
+
+    False once it stopped cleanly. A live process under its pid counts only if it
+    started before the supervisor recorded its own start.
+    """
+    if state.stopped is not None:
+        return False
+    if not os.path.exists("/proc/self/stat"):
+        try:
+            os.kill(state.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    ticks = process_start_time(state.pid)
+    if ticks is None:
+        return False
+    boot = _boot_time()
+    if boot is None:
+        return True
+    return boot + ticks / os.sysconf("SC_CLK_TCK") <= state.started + 1.0
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def read_status(runtime_dir: str | os.PathLike[str]) -> dict[str, PluginStatus]:

@@ -68,7 +68,13 @@ class PluginSupervisor:
 
     @property
     def started(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
         return self._context is not None
+
+    @property
+    def started_at(self) -> float:
+        """Epoch of the last ``start()`` (0.0 before the first)."""
+        return self._started
 
     def status(self) -> dict[str, PluginStatus]:
         """Every plugin's current status, by slug (STOPPED for those not started yet)."""
@@ -112,7 +118,7 @@ class PluginSupervisor:
             runner.close()
         context, self._context = self._context, None
         if context is not None:
-            self._write_state(context.runtime_dir)
+            self._write_state(context.runtime_dir, stopped=time.time())
             self._last.update((slug, runner.status()) for slug, runner in self._runners.items())
             os.close(context.lifeline)
             os.close(self._lifeline_write)
@@ -145,6 +151,35 @@ class PluginSupervisor:
         if self._context is None:
             return self.status()[spec.slug]
         return await self.start_plugin(spec.slug)
+
+    async def update(self, spec: PluginSpec) -> PluginStatus:
+        """Run ``spec`` from now on: add it if new; if it differs from the current one, restart
+        only that plugin with it; if it is equal, leave the running plugin alone."""
+        current = self._specs.get(spec.slug)
+        if current is None:
+            return await self.add(spec)
+        if current == spec:
+            return self.status()[spec.slug]
+        runner = self._runners.get(spec.slug)
+        was_running = runner is not None and runner.state is not PluginState.STOPPED  # FATAL too: retry
+        await self.stop_plugin(spec.slug)
+        if runner is not None:
+            del self._runners[spec.slug]
+            runner.close()
+        self._specs[spec.slug] = spec
+        if self._context is not None and was_running:
+            return await self.start_plugin(spec.slug)
+        if self._context is not None:
+            self._write_state()
+        return self.status()[spec.slug]
+
+    async def reconcile(self, specs: Iterable[PluginSpec]) -> dict[str, PluginStatus]:
+        """Make the supervised set exactly ``specs`` (a reloaded config): remove plugins not in it,
+        add new ones, restart changed ones; unchanged plugins keep running untouched."""
+        wanted = {spec.slug: spec for spec in specs}
+        await asyncio.gather(*(self.remove(slug) for slug in list(self._specs) if slug not in wanted))
+        await asyncio.gather(*(self.update(spec) for spec in wanted.values()))
+        return self.status()
 
     async def remove(self, slug: str) -> None:
         """Stop a plugin and forget it."""
@@ -190,9 +225,9 @@ class PluginSupervisor:
             except Exception:
                 logger.exception("on_change callback failed for %s", status.slug)
 
-    def _write_state(self, runtime_dir: str | None = None) -> None:
+    def _write_state(self, runtime_dir: str | None = None, *, stopped: float | None = None) -> None:
         directory = runtime_dir or (self._context.runtime_dir if self._context else self.runtime_dir)
         try:
-            runtime.write_state(directory, self.status(), pid=os.getpid(), started=self._started)
+            runtime.write_state(directory, self.status(), pid=os.getpid(), started=self._started, stopped=stopped)
         except OSError as exc:
             logger.error("cannot write %s: %s", os.path.join(directory, runtime.STATE_FILE), exc)
