@@ -137,8 +137,7 @@ class ProxyMiddleware:
                 await self._refuse(scope, send, exc)
                 return
             if route is not None:
-                back = self.unavailable.get(route.plugin)
-                if back is not None and (error := plugin_unavailable(route.plugin, back, self.retry_window)):
+                if route.plugin in self.unavailable and (error := self._unavailable(route.plugin)):
                     await self._refuse(scope, send, error, route.plugin)
                     return
                 if scope_type == "http":
@@ -191,6 +190,11 @@ class ProxyMiddleware:
             elif message["type"] == "lifespan.shutdown":
                 await send_closing_pool({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _unavailable(self, plugin: str) -> PluginUnavailable | None:
+        """The 503 for a plugin the supervisor reports down, unless the retry window will bridge it."""
+        back = self.unavailable.get(plugin)
+        return None if back is None else plugin_unavailable(plugin, back, self.retry_window)
 
     def _match(self, path: str) -> Route | None:
         """The route for ``path``, or ``None`` to fall through to the app.
