@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +59,7 @@ SUPERVISE_ENV = "MINT_PROXY_SUPERVISE"  # "auto" (default) or "off"
 PLATFORM_ENV = "MINT_PROXY_PLATFORM"  # import string or URL of the platform behind the proxy
 PLATFORM_URL_ENV = "MINT_PLATFORM_URL"  # told to plugins, so they can call the platform back
 POLL_INTERVAL = 0.5
+ELECT_RETRY = 10.0  # seconds between attempts to supervise after a start that failed
 
 
 class DevProxyApp:
@@ -80,6 +82,7 @@ class DevProxyApp:
         self._watching: asyncio.Future[None] | None = None
         self._applying: asyncio.Lock | None = None
         self._specs: dict[str, PluginSpec] = {}
+        self._elect_after = 0.0  # after a failed start, wait before taking the lock again
 
     @property
     def environ(self) -> Mapping[str, str]:
@@ -180,7 +183,7 @@ class DevProxyApp:
 
     async def _elect(self) -> None:
         """Supervise if this process gets the lock (and may supervise); otherwise only route."""
-        if self.lock is None or self.lock.held:
+        if self.lock is None or self.lock.held or time.monotonic() < self._elect_after:
             return
         if self.environ.get(SUPERVISE_ENV, "auto").lower() in ("off", "0", "no", "false"):
             return
@@ -203,7 +206,10 @@ class DevProxyApp:
         try:
             await supervisor.start()
         except MintProxyError as exc:
-            logger.error("cannot supervise %s: %s; routing only", self.config.runtime_dir, exc)
+            logger.error(
+                "cannot supervise %s: %s; routing only, trying again in %gs", self.config.runtime_dir, exc, ELECT_RETRY
+            )
+            self._elect_after = time.monotonic() + ELECT_RETRY
             if self.lock is not None:
                 self.lock.release()
             return
