@@ -1,5 +1,8 @@
 import contextlib
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +33,24 @@ def clean_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Each test's default runtime dir (lock, state, generated secret) is its own, never the user's.
+
+    The per-user default sits under the temp dir: point ``tempfile`` (and ``TMPDIR`` for
+    child processes) at a short fresh directory, short enough for Unix socket paths.
+    """
+    tmp_path_factory.getbasetemp()  # pytest's own base dir stays where it was
+    directory = tempfile.mkdtemp(prefix="mp-", dir="/tmp")
+    saved = tempfile.tempdir
+    tempfile.tempdir = directory
+    os.environ["TMPDIR"] = directory
+    os.environ.pop("XDG_RUNTIME_DIR", None)
+    yield directory
+    tempfile.tempdir = saved
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(params=["h11", "httptools"])
@@ -89,3 +110,14 @@ def start_proxy(http: str) -> Iterator[StartProxy]:
             return ProxyServer(running.url, running.port, middleware, table)
 
         yield start
+
+
+@pytest.fixture(autouse=True)
+def restore_mint_proxy_logger() -> Iterator[None]:
+    """``DevProxyApp``'s lifespan gives the ``mint_proxy`` logger a stderr handler; undo it after each test."""
+    logger = logging.getLogger("mint_proxy")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+    logger.setLevel(level)

@@ -33,17 +33,6 @@ RELOAD_DEADLINE = 10.0  # seconds an edit may take to apply (the watcher polls e
 OTHER_SECRET = "a-different-secret-for-the-dev-app-0123456789"  # >= 32 bytes, not SECRET
 
 
-@pytest.fixture(autouse=True)
-def restore_mint_proxy_logger() -> Iterator[None]:
-    """``DevProxyApp``'s lifespan gives the ``mint_proxy`` logger a stderr handler; undo it after each test."""
-    logger = logging.getLogger("mint_proxy")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.propagate = propagate
-    logger.setLevel(level)
-
-
 def write_config(path: Path, text: str) -> None:
     """Write ``text`` and make sure the mtime moves forward, whatever the filesystem's clock granularity."""
     before = path.stat().st_mtime_ns if path.exists() else 0
@@ -194,7 +183,14 @@ print(json.dumps({
     "read": during["read"],
     "control_opened": [os.fsdecode(p) for p in opened if isinstance(p, (str, bytes))],
     "control_read": read,
-    "allowed": [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(mint_proxy.__file__)],
+    # The distribution's own packages: mint_proxy and mint_plugin (the supervisor's plugin host).
+    "allowed": [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(mint_proxy.__file__),
+        os.path.dirname(sys.modules["mint_plugin"].__file__ or ""),
+    ],
     "proxy": repr(mint_proxy.app.proxy),
 }))
 """
@@ -329,7 +325,7 @@ def test_dev_app_without_lifespan_loads_on_the_first_request(peak_config: Path, 
     assert app.proxy is not None
 
 
-def test_dev_app_without_a_secret_warns_and_uses_a_random_one(
+def test_dev_app_without_a_secret_warns_and_uses_one_generated_in_the_runtime_dir(
     peak_config: Path, plugin: PluginServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = DevProxyApp(environ={CONFIG_ENV: str(peak_config)})
@@ -337,7 +333,7 @@ def test_dev_app_without_a_secret_warns_and_uses_a_random_one(
         assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
     warnings = [r for r in caplog.records if r.name == "mint_proxy" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert SECRET_ENV in warnings[0].getMessage() and "random secret" in warnings[0].getMessage()
+    assert SECRET_ENV in warnings[0].getMessage() and "generated" in warnings[0].getMessage()
     [token] = header_values(plugin.app.seen[0], "x-mint-internal-token")
     with pytest.raises(InvalidInternalToken, match="signature"):
         verify_internal_token(token, SECRET)
@@ -350,7 +346,7 @@ def test_dev_app_lifespan_shows_the_random_secret_warning_on_stderr(
     with serve(app, lifespan="on", log_level="info") as running:
         assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
     err = capsys.readouterr().err
-    assert re.search(rf"WARNING mint_proxy: {SECRET_ENV} is not set: .*random secret", err)
+    assert re.search(rf"WARNING mint_proxy: {SECRET_ENV} is not set: .*generated", err)
     assert re.search(r'"GET /peak/x" plugin=peak status=200', err)
 
 
@@ -473,7 +469,7 @@ def test_uvicorn_app_without_a_secret_warns_on_stderr(
 ) -> None:
     child = run_uvicorn(**{CONFIG_ENV: str(peak_config)})
     line = child.wait_for_stderr(f"{SECRET_ENV} is not set")
-    assert "WARNING" in line and "random secret" in line
+    assert "WARNING" in line and "generated" in line
     child.wait_for_stderr("Uvicorn running on")
     assert child.get("/peak/x").status_code == 200
     [token] = header_values(plugin.app.seen[0], "x-mint-internal-token")

@@ -3,6 +3,7 @@
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,10 @@ from websockets.sync.client import connect
 from mint_proxy import __version__
 from mint_proxy.cli import main
 from mint_proxy.devconfig import CONFIG_ENV, SECRET_ENV
+from mint_proxy.plugins.runtime import read_state
 from mint_proxy.tokens import verify_internal_token
+
+from .utils import read_head
 
 SECRET = "test-internal-token-secret-0123456789abcdef"  # >= 32 bytes
 GOOD_CONFIG = """\
@@ -290,7 +294,8 @@ def demo() -> Iterator[dict[str, str]]:
         printed = child.wait_for("Ctrl-C to stop.")
         words = [word.strip("'") for line in printed for word in line.split()]
         urls = [word for word in words if word.startswith(("http://", "ws://"))]
-        yield {"proxy": urls[0], **{urlsplit(url).path: url for url in urls[1:]}}
+        runtime_dir = words[words.index("--runtime-dir") + 1]
+        yield {"proxy": urls[0], "runtime_dir": runtime_dir, **{urlsplit(url).path: url for url in urls[1:]}}
     finally:
         assert child.stop() == 0, "".join(child.seen)
 
@@ -303,7 +308,41 @@ def test_demo_prints_the_urls_to_try(demo: dict[str, str]) -> None:
         "/api/peak-picking/peaks",
         "/api/peak-picking/run",
         "proxy",
+        "runtime_dir",
     ]
+
+
+def test_demo_plugins_are_processes_the_supervisor_runs(demo: dict[str, str]) -> None:
+    state = read_state(demo["runtime_dir"])
+    assert state is not None
+    assert {slug: str(status.state) for slug, status in state.plugins.items()} == {
+        "peak-picking": "READY",
+        "lcms-sequence": "READY",
+    }
+    for status in state.plugins.values():
+        assert status.pid is not None and status.pid != state.pid and os.path.exists(f"/proc/{status.pid}")
+        assert status.endpoint == f"unix:{demo['runtime_dir']}/{status.slug}.sock"
+
+
+def test_demo_keep_alive_requests_after_the_first_are_not_delayed(demo: dict[str, str]) -> None:
+    """Without TCP_NODELAY on the demo's listening socket, every request after the first on a
+    keep-alive connection waited ~40 ms for the client's delayed ACK (Nagle). Even the fastest
+    of five would take that long, so the bound is on the fastest, far below 40 ms."""
+    address = urlsplit(demo["proxy"])
+    request = b"GET /api/peak-picking/peaks?n=1 HTTP/1.1\r\nHost: demo\r\n\r\n"
+    took = []
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        for _ in range(6):
+            started = time.perf_counter()
+            sock.sendall(request)
+            head = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: *([0-9]+)", head).group(1))  # type: ignore[union-attr]
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += sock.recv(65536)
+            took.append(time.perf_counter() - started)
+    assert min(took[1:]) < 0.010, took
 
 
 def test_demo_peaks_echo_the_request_id_and_the_verified_plugin(demo: dict[str, str]) -> None:
@@ -347,3 +386,167 @@ def test_demo_on_a_busy_port_suggests_another(capsys: pytest.CaptureFixture[str]
         busy.listen()
         assert main(["demo", "--port", str(busy.getsockname()[1]), "--duration", "1"]) == 1
     assert "--port" in capsys.readouterr().err
+
+
+# --- token --kid, the generated secret, status, check and serve --platform with plugins -----------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        pytest.param(["--kid", "2026-12"], {}, id="flag"),
+        pytest.param([], {"MINT_INTERNAL_TOKEN_KID": "2026-12"}, id="environment"),
+        pytest.param(["--kid", "2026-12"], {"MINT_INTERNAL_TOKEN_KID": "other"}, id="flag-wins"),
+    ],
+)
+def test_token_carries_the_key_id_a_rotation_verifier_needs(
+    argv: list[str], environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(["token", "peak-picking", *argv]) == 0
+    token = capsys.readouterr().out.strip()
+    # The README's rotation example: a mapping of kid -> secret refuses a token without a kid.
+    assert verify_internal_token(token, {"2026-12": SECRET, "2026-05": "x" * 40}).plugin == "peak-picking"
+
+
+def test_token_with_an_empty_kid_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    assert main(["token", "p", "--kid", ""]) == 2
+    assert "--kid: kid must be a non-empty str" in capsys.readouterr().err
+
+
+def test_token_uses_the_secret_the_proxy_generated_in_the_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mint_proxy.plugins._secret import shared_secret
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    monkeypatch.setenv("MINT_PROXY_RUNTIME_DIR", str(tmp_path))
+    secret = shared_secret(str(tmp_path))
+    assert main(["token", "peak-picking"]) == 0
+    assert verify_internal_token(capsys.readouterr().out.strip(), secret).plugin == "peak-picking"
+
+
+def test_status_without_a_supervisor_says_so_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 1
+    assert "no supervisor has written a state file here yet" in capsys.readouterr().out
+    assert main(["status", "--runtime-dir", str(tmp_path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["supervisor"] is None
+
+
+def test_status_of_a_broken_state_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "state.json").write_text("{")
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a mint-proxy state file" in err and "Traceback" not in err
+
+
+def test_status_reads_the_runtime_dir_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mint_proxy.plugins.runtime import write_state
+    from mint_proxy.plugins.spec import PluginState, PluginStatus
+
+    runtime_dir = tmp_path / "rt"
+    runtime_dir.mkdir()
+    config = tmp_path / "config.dev.toml"
+    config.write_text(f'[settings]\nruntime_dir = "{runtime_dir}"\n[proxy."/p"]\napp = "m:app"\n')
+    write_state(
+        str(runtime_dir), {"p": PluginStatus("p", "/p", PluginState.BACKOFF, "unix:x", restarts=3)}, pid=1, started=0
+    )
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "NOT running" in out.splitlines()[0]
+    assert out.splitlines()[3].split()[:4] == ["p", "BACKOFF", "-", "3"]
+
+
+def test_check_lists_supervised_plugins_with_their_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text(
+        f'[settings]\nruntime_dir = "{tmp_path}"\n[proxy."/p"]\ncommand = "uvicorn m:app --uds {{socket}}"\n'
+    )
+    assert main(["check", str(config)]) == 0
+    assert f"unix:{tmp_path}/p.sock" in capsys.readouterr().out
+
+
+def test_check_names_file_key_and_problem_for_plugin_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text('[proxy."/p"]\napp = "m:app"\ncrash_limit = 0\n')
+    assert main(["check", str(config)]) == 2
+    assert f'{config}: [proxy."/p"].crash_limit: must be a positive integer, got 0' in capsys.readouterr().err
+
+
+def test_serve_with_an_unimportable_platform_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text("")
+    assert main(["serve", "--config", str(config), "--platform", "no_such_module:app", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--platform 'no_such_module:app'" in err and "Traceback" not in err
+
+
+PLATFORM = """
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                print("platform-started", flush=True)
+            kind = message["type"].removeprefix("lifespan.")
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    body = ("platform saw " + scope["path"]).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+@pytest.mark.parametrize("kind", ["import-string", "url"])
+def test_serve_platform_gets_what_no_route_matches(tmp_path: Path, kind: str) -> None:
+    """One port serves the whole product: routes go to plugins, everything else to the platform,
+    either imported and run behind the proxy (its lifespan included) or at a URL run by hand."""
+    (tmp_path / "the_platform.py").write_text(PLATFORM)
+    backend = tmp_path / "plugin.py"
+    backend.write_text(PLATFORM.replace("platform saw", "plugin saw"))
+    plugin_port, platform_port, port = free_port(), free_port(), free_port()
+    env = {**os.environ, SECRET_ENV: SECRET, "PYTHONPATH": str(tmp_path)}
+    config = tmp_path / "config.dev.toml"
+    config.write_text(f'[proxy]\n"/peak" = "http://127.0.0.1:{plugin_port}"\n')
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "plugin:app", "--port", str(plugin_port), "--log-level", "warning"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+        )
+    ]
+    target = "the_platform:app"
+    if kind == "url":
+        target = f"http://127.0.0.1:{platform_port}"
+        argv = [sys.executable, "-m", "uvicorn", "the_platform:app", "--port", str(platform_port)]
+        servers.append(
+            subprocess.Popen([*argv, "--log-level", "warning"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+        )
+    child = _Child("serve", "--config", str(config), "--port", str(port), "--platform", target, env=env)
+    try:
+        child.wait_for("Uvicorn running on")
+        if kind == "import-string":
+            assert any("platform-started" in line for line in child.seen)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                plugin = httpx.get(f"http://127.0.0.1:{port}/peak/x", timeout=10)
+                platform = httpx.get(f"http://127.0.0.1:{port}/experiments/7", timeout=10)
+                if plugin.status_code == 200 and platform.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the plugin and platform never both answered"
+            time.sleep(0.1)
+        assert plugin.text == "plugin saw /peak/x"
+        assert platform.text == "platform saw /experiments/7"
+    finally:
+        child.stop()
+        for server in servers:
+            server.terminate()
+            server.wait(15)

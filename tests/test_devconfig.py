@@ -1,6 +1,7 @@
 import asyncio
 import logging
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,15 @@ from mint_proxy.devconfig import (
     SECRET_ENV,
     ConfigWatcher,
     DevConfig,
+    SharedPlugin,
     config_path_from_environ,
     load_dev_config,
     parse_dev_config,
     secret_from_environ,
 )
 from mint_proxy.errors import DevConfigError, MintProxyError
+from mint_proxy.plugins.runtime import default_runtime_dir
+from mint_proxy.plugins.spec import PluginSpec, RestartPolicy
 from mint_proxy.routing import Route, RouteTable
 
 PATH = "conf/config.dev.toml"
@@ -116,7 +120,13 @@ def test_parse_settings(text: str, mount_path: str, retry_window: float) -> None
 
 def test_parse_returns_a_devconfig_equal_to_one_built_in_code() -> None:
     text = '[proxy]\n"/a" = "http://localhost:9001"\n[settings]\nmount_path = "/api"\nretry_window = 1.5\n'
-    expected = DevConfig(PATH, RouteTable({"/a": "http://localhost:9001"}), mount_path="/api", retry_window=1.5)
+    expected = DevConfig(
+        PATH,
+        RouteTable({"/a": "http://localhost:9001"}),
+        mount_path="/api",
+        retry_window=1.5,
+        runtime_dir=default_runtime_dir({}),
+    )
     assert parse_dev_config(text, path=PATH) == expected
 
 
@@ -560,3 +570,189 @@ async def test_watcher_run_survives_unexpected_errors(
         await task
     assert calls >= 2
     assert "error while checking" in caplog.messages[0]
+
+
+# --- supervised plugins: [proxy."/prefix"] with app or command, [settings] runtime_dir, [shared] ---------
+
+RUN = "/run/mint-test"
+
+
+def parse_plugins(text: str, **environ: str) -> DevConfig:
+    return parse_dev_config(text, path=PATH, environ={"MINT_PROXY_RUNTIME_DIR": RUN, **environ}, base_dir="/srv/lab")
+
+
+def test_app_entry_is_a_plugin_spec_routed_to_its_socket() -> None:
+    config = parse_plugins('[proxy."/peak-picking"]\napp = "peak_picking.app:app"\nread_timeout = 3600\n')
+    (spec,) = config.plugins
+    assert spec == PluginSpec(
+        slug="peak-picking",
+        prefix="/peak-picking",
+        app="peak_picking.app:app",
+        route_options={"read_timeout": 3600},
+    )
+    assert config.routes == RouteTable(
+        [Route("/peak-picking", f"unix:{RUN}/peak-picking.sock", plugin="peak-picking", read_timeout=3600)]
+    )
+    assert config.runtime_dir == RUN
+
+
+def test_command_entry_with_every_key() -> None:
+    text = """
+        [proxy."/lcms"]
+        plugin = "lcms-sequence"
+        command = ["uvicorn", "lcms.app:app", "--uds", "{socket}"]
+        env = { LOG_LEVEL = "debug" }
+        cwd = "plugins/lcms"
+        startup_timeout = 5
+        health_path = "/healthz"
+        stop_timeout = 2.5
+        backoff_initial = 0.1
+        backoff_max = 4
+        stable_after = 0
+        crash_limit = 3
+        crash_window = 60
+        strip_prefix = true
+        connect_timeout = 1
+        max_body_bytes = 1024
+    """
+    (spec,) = parse_plugins(textwrap.dedent(text)).plugins
+    assert spec.slug == "lcms-sequence" and spec.prefix == "/lcms"
+    assert spec.command == ("uvicorn", "lcms.app:app", "--uds", "{socket}")
+    assert spec.env == {"LOG_LEVEL": "debug"}
+    assert spec.cwd == "/srv/lab/plugins/lcms"  # relative to the file's directory
+    assert (spec.startup_timeout, spec.health_path, spec.stop_timeout) == (5, "/healthz", 2.5)
+    assert spec.restart == RestartPolicy(
+        backoff_initial=0.1, backoff_max=4.0, stable_after=0.0, crash_limit=3, crash_window=60.0
+    )
+    assert spec.route_options == {"strip_prefix": True, "connect_timeout": 1, "max_body_bytes": 1024}
+
+
+def test_command_string_is_split_like_a_shell_would() -> None:
+    (spec,) = parse_plugins('[proxy."/p"]\ncommand = "uvicorn mod:app --reload --uds {socket}"\n').plugins
+    assert spec.command == ("uvicorn", "mod:app", "--reload", "--uds", "{socket}")
+
+
+@pytest.mark.parametrize(
+    ("python", "expected"),
+    [
+        pytest.param(".venv/bin/python", "/srv/lab/.venv/bin/python", id="relative-path-from-the-file"),
+        pytest.param("/opt/py/bin/python", "/opt/py/bin/python", id="absolute"),
+        pytest.param("python3.12", "python3.12", id="bare-name-looked-up-on-PATH"),
+    ],
+)
+def test_python_paths(python: str, expected: str) -> None:
+    (spec,) = parse_plugins(f'[proxy."/p"]\napp = "m:app"\npython = "{python}"\n').plugins
+    assert spec.python == expected
+
+
+def test_short_form_and_plugins_mix() -> None:
+    config = parse_plugins('[proxy]\n"/hand" = "http://127.0.0.1:8005"\n[proxy."/auto"]\napp = "m:app"\n')
+    assert [spec.slug for spec in config.plugins] == ["auto"]
+    assert config.routes.get("/hand") == Route("/hand", "http://127.0.0.1:8005")
+
+
+@pytest.mark.parametrize(
+    ("settings", "environ", "expected"),
+    [
+        pytest.param('runtime_dir = "/var/run/mint"', {}, "/var/run/mint", id="file"),
+        pytest.param('runtime_dir = "run"', {}, "/srv/lab/run", id="file-relative-to-the-file"),
+        pytest.param(
+            'runtime_dir = "/var/run/mint"', {"MINT_PROXY_RUNTIME_DIR": "/env/dir"}, "/env/dir", id="env-wins"
+        ),
+        pytest.param("", {"XDG_RUNTIME_DIR": "/run/user/1000"}, "/run/user/1000/mint-proxy", id="per-user-default"),
+    ],
+)
+def test_runtime_dir(settings: str, environ: dict[str, str], expected: str) -> None:
+    text = f'[settings]\n{settings}\n[proxy."/p"]\napp = "m:app"\n'
+    config = parse_dev_config(text, path=PATH, environ=environ, base_dir="/srv/lab")
+    assert config.runtime_dir == expected
+    assert config.routes.get("/p") == Route("/p", f"unix:{expected}/p.sock")
+
+
+def test_shared_table() -> None:
+    config = parse_plugins('[shared."/notes"]\napp = "notes.app:app"\n[shared."/x"]\napp = "x:app"\nplugin = "x-ray"\n')
+    assert config.shared == (SharedPlugin("/notes", "notes.app:app", "notes"), SharedPlugin("/x", "x:app", "x-ray"))
+    assert len(config.routes) == 0  # the proxy does not route shared plugins
+
+
+PLUGIN_INVALID = [
+    pytest.param('[proxy."/p"]\napp = "m:app"\nurl = "http://h"\n', '[proxy."/p"].url', "remove url", id="url-and-app"),
+    pytest.param('[proxy."/p"]\napp = "m:app"\ncommand = "x"\n', '[proxy."/p"]', "either app", id="app-and-command"),
+    pytest.param('[proxy."/p"]\napp = 1\n', '[proxy."/p"].app', "must be an ASGI import string", id="app-type"),
+    pytest.param('[proxy."/p"]\napp = ""\n', '[proxy."/p"].app', "must not be empty", id="app-empty"),
+    pytest.param('[proxy."/p"]\ncommand = []\n', '[proxy."/p"].command', "non-empty array", id="command-empty"),
+    pytest.param('[proxy."/p"]\ncommand = ["a", 1]\n', '[proxy."/p"].command', "non-empty strings", id="command-item"),
+    pytest.param(
+        '[proxy."/p"]\ncommand = "x"\npython = "py"\n', '[proxy."/p"].python', "only applies", id="python-cmd"
+    ),
+    pytest.param('[proxy."/p"]\napp = "m:a"\nenv = 1\n', '[proxy."/p"].env', "a table of strings", id="env-type"),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nenv = {A = 1}\n', '[proxy."/p".env].A', "must be a string", id="env-value"
+    ),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nstartup_timeout = 0\n', '[proxy."/p"].startup_timeout', "positive", id="startup"
+    ),
+    pytest.param('[proxy."/p"]\napp = "m:a"\nstop_timeout = "9"\n', '[proxy."/p"].stop_timeout', "a number", id="stop"),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nhealth_path = "hz"\n', '[proxy."/p"].health_path', "start with '/'", id="health"
+    ),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nbackoff_initial = 0\n', '[proxy."/p"].backoff_initial', "> 0", id="backoff0"
+    ),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nbackoff_initial = 5\nbackoff_max = 1\n',
+        '[proxy."/p"].backoff_max',
+        "must be >= backoff_initial",
+        id="backoff-order",
+    ),
+    pytest.param('[proxy."/p"]\napp = "m:a"\nstable_after = -1\n', '[proxy."/p"].stable_after', ">= 0", id="stable"),
+    pytest.param('[proxy."/p"]\napp = "m:a"\ncrash_limit = 0\n', '[proxy."/p"].crash_limit', "positive", id="limit"),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\ncrash_limit = 2.5\n', '[proxy."/p"].crash_limit', "integer", id="limit-type"
+    ),
+    pytest.param('[proxy."/p"]\napp = "m:a"\ncrash_window = inf\n', '[proxy."/p"].crash_window', "finite", id="window"),
+    pytest.param('[proxy."/p"]\napp = "m:a"\nrestart = 1\n', '[proxy."/p"].restart', "unknown key", id="unknown"),
+    pytest.param(
+        '[proxy."/p"]\napp = "m:a"\nread_timeout = 0\n', '[proxy."/p"].read_timeout', "positive", id="route-key"
+    ),
+    pytest.param('[proxy."/a/b"]\napp = "m:a"\n', '[proxy."/a/b"]', 'set plugin = "a-slug"', id="nested-prefix-slug"),
+    pytest.param('[proxy."/p"]\napp = "m:a"\nplugin = "Peak"\n', '[proxy."/p"].plugin', "not valid", id="bad-slug"),
+    pytest.param("[settings]\nruntime_dir = 1\n", "[settings].runtime_dir", "directory path", id="runtime-dir-type"),
+    pytest.param(
+        f'[settings]\nruntime_dir = "/{"x" * 120}"\n[proxy."/p"]\napp = "m:a"\n',
+        '[proxy."/p"]',
+        "more than the",
+        id="socket-path-too-long",
+    ),
+    pytest.param('[shared."/n"]\nplugin = "n"\n', '[shared."/n"]', "missing required key app", id="shared-no-app"),
+    pytest.param('[shared."/n"]\napp = "n:a"\nurl = "x"\n', '[shared."/n"].url', "unknown key", id="shared-key"),
+    pytest.param('[shared]\n"/n" = "n:app"\n', '[shared]."/n"', "must be a table", id="shared-short"),
+    pytest.param(
+        '[shared."/n"]\napp = "n:a"\n[proxy]\n"/n" = "http://h"\n', '[shared."/n"]', "shared or isolated", id="both"
+    ),
+    pytest.param('[shared."n"]\napp = "n:a"\n', "[shared.n]", "must start with '/'", id="shared-prefix"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), PLUGIN_INVALID)
+def test_plugin_keys_are_checked_with_file_key_and_problem(text: str, key: str, problem: str) -> None:
+    with pytest.raises(DevConfigError) as info:
+        parse_dev_config(text, path=PATH, environ={})
+    message = str(info.value)
+    assert message.startswith(f"{PATH}: {key}: "), message
+    assert problem in message, message
+
+
+def test_watcher_calls_on_reload_with_the_new_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.dev.toml"
+    path.write_text('[proxy."/p"]\napp = "m:app"\n', encoding="utf-8")
+    environ = {"MINT_PROXY_RUNTIME_DIR": str(tmp_path)}
+    config = load_dev_config(path, environ=environ)
+    seen: list[DevConfig] = []
+    watcher = ConfigWatcher(str(path), config.routes, environ=environ, on_reload=seen.append)
+    path.write_text('[proxy."/p"]\napp = "m:app"\nstop_timeout = 1\n', encoding="utf-8")
+    os.utime(path, ns=(1, 1))
+    watcher.check()
+    assert watcher.check() is True
+    assert [spec.stop_timeout for spec in seen[0].plugins] == [1]
+    assert seen[0].runtime_dir == str(tmp_path)

@@ -51,12 +51,14 @@ def runtime_dir() -> Iterator[str]:
         ({"XDG_RUNTIME_DIR": "/run/user/7"}, "/run/user/7/mint-proxy"),
         ({"MINT_PROXY_RUNTIME_DIR": "", "XDG_RUNTIME_DIR": "/run/user/7"}, "/run/user/7/mint-proxy"),
         # A relative XDG_RUNTIME_DIR is invalid per the XDG spec: ignored.
-        ({"XDG_RUNTIME_DIR": "run/user/7"}, os.path.join(tempfile.gettempdir(), f"mint-proxy-{os.getuid()}")),
-        ({}, os.path.join(tempfile.gettempdir(), f"mint-proxy-{os.getuid()}")),
+        ({"XDG_RUNTIME_DIR": "run/user/7"}, None),
+        ({}, None),  # None: the per-user temp dir, read at test time (conftest gives each test its own)
     ],
 )
-def test_default_runtime_dir(environ: dict[str, str], expected: str) -> None:
+def test_default_runtime_dir(environ: dict[str, str], expected: str | None) -> None:
     """The env var wins, then $XDG_RUNTIME_DIR/mint-proxy, then a per-user temp dir."""
+    if expected is None:
+        expected = os.path.join(tempfile.gettempdir(), f"mint-proxy-{os.getuid()}")
     assert default_runtime_dir(environ) == expected
 
 

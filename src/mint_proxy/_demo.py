@@ -1,9 +1,12 @@
-"""``mint-proxy demo``: two toy plugins and the proxy in one process, on one asyncio loop.
+"""``mint-proxy demo``: two toy plugins run by the supervisor, behind the proxy.
 
-The plugins listen on sockets bound to 127.0.0.1 port 0, so they never clash with
-anything; the proxy gets the user's ``--port``. The config is written to a temporary
-file and handed to ``DevProxyApp`` through an environ mapping, with a random secret
-the plugins share, so they can show the internal token they receive is genuine.
+The demo is dev mode itself: it writes a ``config.dev.toml`` whose two plugins are
+``app = "mint_proxy._demo:peak_picking"`` and ``"...:lcms_sequence"``, with a private
+runtime dir in a temporary directory, and serves ``DevProxyApp`` on the user's
+``--port``. The supervisor starts the plugins as processes of their own on Unix
+sockets, prefixes their log lines, and stops them when the demo stops. The plugins
+get the signing secret through their spec's ``env`` (a demo only: a real plugin never
+sees it), so they can show the internal token they receive is genuine.
 """
 
 import asyncio
@@ -16,8 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -27,12 +29,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ._app import DevProxyApp
-from .devconfig import CONFIG_ENV, SECRET_ENV
+from ._types import Receive, Scope, Send
+from .devconfig import CONFIG_ENV, RUNTIME_DIR_ENV, SECRET_ENV
 from .errors import InvalidInternalToken
 from .tokens import INTERNAL_TOKEN_HEADER, verify_internal_token
 
 HOST = "127.0.0.1"
-GRACEFUL_SHUTDOWN = 2.0  # seconds; an open SSE or WebSocket client must not hold Ctrl-C hostage
+GRACEFUL_SHUTDOWN = 2  # seconds; an open SSE or WebSocket client must not hold Ctrl-C hostage
+DEMO_SECRET_ENV = "MINT_DEMO_SECRET"  # how the demo plugins learn the secret (the demo's spec env)
+PLUGINS = {"peak-picking": "peak_picking", "lcms-sequence": "lcms_sequence"}  # slug -> attribute below
 
 
 def _seen(request: Request | WebSocket, secret: str) -> dict[str, str]:
@@ -95,11 +100,34 @@ def lcms_sequence_app(secret: str) -> Starlette:
     return Starlette(routes=[Route(f"{prefix}/status", status), WebSocketRoute(f"{prefix}/ws", echo)])
 
 
+class _DemoPlugin:
+    """A demo plugin's ASGI app, built on first use from the secret in its environment."""
+
+    def __init__(self, build: Callable[[str], Starlette]) -> None:
+        self._build = build
+        self._app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None:
+            self._app = self._build(os.environ.get(DEMO_SECRET_ENV, ""))
+        await self._app(scope, receive, send)
+
+
+peak_picking = _DemoPlugin(peak_picking_app)
+lcms_sequence = _DemoPlugin(lcms_sequence_app)
+
+
 def bind(port: int) -> socket.socket:
-    """A listening-ready TCP socket on 127.0.0.1; raises ``OSError`` when the port is taken."""
+    """A listening-ready TCP socket on 127.0.0.1 with TCP_NODELAY; raises ``OSError`` when the port is taken.
+
+    TCP_NODELAY (inherited by accepted connections on Linux): a response's head and body
+    go out in separate writes, and with Nagle's algorithm on, the second waits for the
+    client's delayed ACK, about 40 ms on every keep-alive request after the first.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((HOST, port))
     except OSError:
         sock.close()
@@ -107,18 +135,17 @@ def bind(port: int) -> socket.socket:
     return sock
 
 
-def demo_config(ports: dict[str, int]) -> str:
-    lines = ["[settings]", 'mount_path = "/api"', "", "[proxy]"]
-    lines += [f'"/{slug}" = "http://{HOST}:{port}"' for slug, port in ports.items()]
-    return "\n".join(lines) + "\n"
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to the demo, which stops all three servers together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+def demo_config(secret: str, runtime_dir: str) -> str:
+    lines = ["[settings]", 'mount_path = "/api"', f"runtime_dir = {json.dumps(runtime_dir)}", ""]
+    for slug, attribute in PLUGINS.items():
+        lines += [
+            f'[proxy."/{slug}"]',
+            f'app = "mint_proxy._demo:{attribute}"',
+            f"env = {{ {DEMO_SECRET_ENV} = {json.dumps(secret)} }}",
+            "stop_timeout = 3",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def run_demo(port: int, duration: float | None) -> int:
@@ -130,58 +157,57 @@ def run_demo(port: int, duration: float | None) -> int:
         print(f"mint-proxy demo: cannot listen on {HOST}:{port} ({exc.strerror}); {hint}", file=sys.stderr)
         return 1
     with proxy_sock, tempfile.TemporaryDirectory(prefix="mint-proxy-demo-") as directory:
-        return asyncio.run(_serve_all(proxy_sock, directory, duration))
+        return asyncio.run(_serve(proxy_sock, directory, duration))
 
 
-async def _serve_all(proxy_sock: socket.socket, directory: str, duration: float | None) -> int:
+async def _serve(proxy_sock: socket.socket, directory: str, duration: float | None) -> int:
     secret = secrets.token_urlsafe(36)  # 48 characters
-    plugins = {"peak-picking": peak_picking_app(secret), "lcms-sequence": lcms_sequence_app(secret)}
-    socks = {slug: bind(0) for slug in plugins}
     path = os.path.join(directory, "config.dev.toml")
     with open(path, "w", encoding="utf-8") as file:
-        file.write(demo_config({slug: sock.getsockname()[1] for slug, sock in socks.items()}))
+        file.write(demo_config(secret, os.path.join(directory, "rt")))
     environ = {**os.environ, CONFIG_ENV: path, SECRET_ENV: secret}
-    options: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN}
-    servers = [_Server(uvicorn.Config(app, lifespan="off", **options)) for app in plugins.values()]
-    servers.append(_Server(uvicorn.Config(DevProxyApp(environ=environ), lifespan="on", **options)))
-    all_socks = [*socks.values(), proxy_sock]
-
-    def stop(*_: object) -> None:
-        for server in servers:
-            server.force_exit = server.should_exit  # a second Ctrl-C stops waiting for open connections
-            server.should_exit = True
-
-    async def serve(server: uvicorn.Server, sock: socket.socket) -> bool:
-        try:
-            await server.serve(sockets=[sock])
-        except SystemExit:  # uvicorn exits when an app's startup fails; it has logged why
-            stop()
-            return False
-        return True
+    environ.pop(RUNTIME_DIR_ENV, None)  # the demo's own runtime dir, never a real deployment's
+    config = uvicorn.Config(
+        DevProxyApp(environ=environ), lifespan="on", log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN
+    )
+    server = _Server(config)
 
     async def announce() -> None:
-        while not all(server.started for server in servers):
-            if any(server.should_exit for server in servers):
+        while not server.started:
+            if server.should_exit:
                 return
             await asyncio.sleep(0.01)
         # uvicorn runs at "warning" to keep its startup chatter out of the way; the proxy's access log stays on.
         logging.getLogger("mint_proxy").setLevel(logging.INFO)
         _print_ready(proxy_sock.getsockname()[1], path)
 
+    def stop(*_: object) -> None:
+        server.force_exit = server.should_exit  # a second Ctrl-C stops waiting for open connections
+        server.should_exit = True
+
     loop = asyncio.get_running_loop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     timer = loop.call_later(duration, stop) if duration is not None else None
+    announcing = asyncio.ensure_future(announce())
     try:
-        serving = (serve(server, sock) for server, sock in zip(servers, all_socks, strict=True))
-        results = await asyncio.gather(announce(), *serving)
+        await server.serve(sockets=[proxy_sock])
+    except SystemExit:  # uvicorn exits when the app's startup fails; it has logged why
+        return 1
     finally:
+        announcing.cancel()
         if timer is not None:
             timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sock in all_socks:
-            sock.close()
-    return 0 if all(results[1:]) else 1
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: the demo stops on SIGINT/SIGTERM and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def _print_ready(port: int, config_path: str) -> None:
@@ -192,4 +218,5 @@ def _print_ready(port: int, config_path: str) -> None:
     print(f"  curl -sN {base}/peak-picking/events")
     print(f"  curl -s {base}/lcms-sequence/status")
     print(f"  python -m websockets ws://{HOST}:{port}/api/lcms-sequence/ws")
+    print(f"  mint-proxy status --runtime-dir {os.path.join(os.path.dirname(config_path), 'rt')}")
     print("Ctrl-C to stop.", flush=True)

@@ -46,7 +46,15 @@ from ._respond import log_access, send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
-from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    PluginUnavailable,
+    ProxyError,
+    RequestTimeout,
+    UpstreamUnavailable,
+)
 from .headers import (
     RequestInfo,
     _keep_only,
@@ -59,6 +67,7 @@ from .headers import (
     parse_field_lines,
     via_value,
 )
+from .plugins._watch import plugin_unavailable
 from .routing import Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
@@ -96,6 +105,7 @@ class ProxyMiddleware:
         client_body_timeout: float = 60.0,
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,
+        unavailable: Mapping[str, float] | None = None,
     ) -> None:
         check_mount_path(mount_path)
         if not retry_window >= 0:
@@ -115,6 +125,8 @@ class ProxyMiddleware:
         self._via_lines = {v: b"via: %s\r\n" % via_value(v, self._via_marker) for v in ("1.0", "1.1", "2")}
         self._plans: dict[str, _Plan] = {}
         self.pool = pool or UpstreamPool()
+        # slug -> epoch when the plugin is expected back (inf: not by itself); a state watcher keeps it current.
+        self.unavailable: Mapping[str, float] = {} if unavailable is None else unavailable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -125,6 +137,9 @@ class ProxyMiddleware:
                 await self._refuse(scope, send, exc)
                 return
             if route is not None:
+                if route.plugin in self.unavailable and (error := self._unavailable(route.plugin)):
+                    await self._refuse(scope, send, error, route.plugin)
+                    return
                 if scope_type == "http":
                     await self._proxy_http(scope, receive, send, route)
                 else:
@@ -176,6 +191,11 @@ class ProxyMiddleware:
                 await send_closing_pool({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _unavailable(self, plugin: str) -> PluginUnavailable | None:
+        """The 503 for a plugin the supervisor reports down, unless the retry window will bridge it."""
+        back = self.unavailable.get(plugin)
+        return None if back is None else plugin_unavailable(plugin, back, self.retry_window)
+
     def _match(self, path: str) -> Route | None:
         """The route for ``path``, or ``None`` to fall through to the app.
 
@@ -200,11 +220,13 @@ class ProxyMiddleware:
     async def _refuse(self, scope: Scope, send: Send, error: ProxyError, plugin: str = "-") -> None:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
         request_id = client_request_id(scope["headers"]) or new_request_id()
+        extra = [(b"retry-after", b"%d" % error.retry_after)] if isinstance(error, PluginUnavailable) else []
         if scope["type"] == "http":
-            await send_error(send, error.status, error.error, error.detail, request_id, close=error.close_connection)
+            close = error.close_connection
+            await send_error(send, error.status, error.error, error.detail, request_id, close=close, extra=extra)
             log_access(request_id, scope, plugin, error.status, 0.0)
         else:
-            await deny_websocket(scope, send, error, request_id, 0.0, plugin)
+            await deny_websocket(scope, send, error, request_id, 0.0, plugin, headers=extra)
 
     def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""

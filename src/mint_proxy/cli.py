@@ -1,8 +1,10 @@
-"""The ``mint-proxy`` command: serve, check a config, mint a token, run the demo.
+"""The ``mint-proxy`` command: serve, supervise, status, check a config, mint a token, run the demo.
 
-    mint-proxy serve --config config.dev.toml --port 8000
+    mint-proxy serve --config config.dev.toml --port 8000 [--platform mint.platform:app]
+    mint-proxy supervise config.dev.toml        # the plugins alone, as a service of their own
+    mint-proxy status [--json]                  # what the supervisor reports
     mint-proxy check config.dev.toml
-    mint-proxy token peak-picking
+    mint-proxy token peak-picking [--kid K]
     mint-proxy demo
 
 This is the only place in the package that prints or decides an exit status:
@@ -11,13 +13,24 @@ configuration error, whose message goes to stderr without a traceback.
 """
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
-from .devconfig import CONFIG_ENV, SECRET_ENV, DevConfig, config_path_from_environ, load_dev_config
-from .errors import DevConfigError
+from .devconfig import (
+    CONFIG_ENV,
+    KID_ENV,
+    SECRET_ENV,
+    DevConfig,
+    config_path_from_environ,
+    load_dev_config,
+    runtime_dir_for,
+)
+from .errors import DevConfigError, MintProxyError
 from .routing import Route
 from .tokens import TokenIssuer
 
@@ -56,7 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to bind (default: %(default)s)")
     serve.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default="auto", help="uvicorn's HTTP implementation")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log level (default: %(default)s)")
+    serve.add_argument(
+        "--platform",
+        metavar="TARGET",
+        help="where requests matching no route go: an import string (mint.platform:app) or a URL (http://...)",
+    )
     serve.set_defaults(run=_serve)
+
+    supervise = commands.add_parser("supervise", help="run the config's plugins without serving HTTP")
+    supervise.add_argument("config", metavar="CONFIG", help="the config file naming the plugins")
+    supervise.set_defaults(run=_supervise)
+
+    status = commands.add_parser("status", help="show the plugins' state from the runtime dir")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help="read the runtime dir from this config file")
+    where.add_argument("--runtime-dir", metavar="DIR", help="the runtime dir (default: $MINT_PROXY_RUNTIME_DIR)")
+    status.add_argument("--json", action="store_true", help="print the JSON document the status app serves")
+    status.set_defaults(run=_status)
 
     check = commands.add_parser("check", help="validate a config file and print its routes")
     check.add_argument("config", metavar="CONFIG", help="the config file to check")
@@ -68,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--secret-env", default=SECRET_ENV, metavar="NAME", help="environment variable holding the secret (%(default)s)"
     )
+    token.add_argument("--kid", metavar="KID", help=f"the token's key id (default: ${KID_ENV}, else none)")
     token.set_defaults(run=_token)
 
     demo = commands.add_parser("demo", help="run two demo plugins behind the proxy and print URLs to try")
@@ -95,21 +125,32 @@ def _error(message: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ._app import DevProxyApp
+    from ._app import PLATFORM_URL_ENV, DevProxyApp
+    from ._platform import platform_app
 
     environ = dict(os.environ)
     if args.config is not None:
         environ[CONFIG_ENV] = args.config
+    platform = None
     try:
-        load_dev_config(config_path_from_environ(environ))
+        load_dev_config(config_path_from_environ(environ), environ=environ)
         if secret := environ.get(SECRET_ENV):
             TokenIssuer(secret)
-    except DevConfigError as exc:
+        if args.platform:
+            platform = platform_app(args.platform)
+            # Plugins call the platform back: through this proxy, or straight at a platform run by hand.
+            own = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+            environ.setdefault(PLATFORM_URL_ENV, args.platform if "://" in args.platform else own)
+    except MintProxyError as exc:
         return _error(str(exc))
     except ValueError as exc:  # the message names the rule, never the secret
         return _error(f"{SECRET_ENV}: {exc}")
     config = uvicorn.Config(
-        app=DevProxyApp(environ=environ), host=args.host, port=args.port, http=args.http, log_level=args.log_level
+        app=DevProxyApp(environ=environ, platform=platform),
+        host=args.host,
+        port=args.port,
+        http=args.http,
+        log_level=args.log_level,
     )
     server = uvicorn.Server(config)
     try:
@@ -159,19 +200,105 @@ def _row(route: Route) -> tuple[str, ...]:
     )
 
 
+def _supervise(args: argparse.Namespace) -> int:
+    from ._supervise import run_supervisor
+
+    environ = dict(os.environ)
+    environ[CONFIG_ENV] = args.config
+    try:
+        load_dev_config(args.config, environ=environ)
+    except DevConfigError as exc:
+        return _error(str(exc))
+    return run_supervisor(environ)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .plugins._views import status_document
+
+    try:
+        if args.config is not None:
+            runtime_dir = load_dev_config(args.config, environ=os.environ).runtime_dir
+        else:
+            runtime_dir = runtime_dir_for(args.runtime_dir or "", os.environ)
+        document = status_document(runtime_dir)
+    except MintProxyError as exc:
+        return _error(str(exc))
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(_describe_status(document))
+    return EXIT_OK if document["supervisor"] is not None else EXIT_FAILURE
+
+
+def _describe_status(document: dict[str, Any]) -> str:
+    """The status document as text: who supervises, then one row per plugin."""
+    supervisor = document["supervisor"]
+    if supervisor is None:
+        return f"{document['runtime_dir']}: no supervisor has written a state file here yet"
+    running = "running" if supervisor["running"] else "NOT running (the states below are its last word)"
+    lines = [f"{document['runtime_dir']}: supervisor pid {supervisor['pid']} {running}"]
+    if not document["plugins"]:
+        return lines[0] + "; no plugins"
+    now = time.time()
+    header = ("plugin", "state", "pid", "restarts", "for", "last exit", "endpoint")
+    rows = [header]
+    for slug, plugin in document["plugins"].items():
+        rows.append(
+            (
+                slug,
+                plugin["state"],
+                "-" if plugin["pid"] is None else str(plugin["pid"]),
+                str(plugin["restarts"]),
+                _age(now - plugin["since"]) if plugin["since"] else "-",
+                plugin["last_exit"] or "-",
+                plugin["endpoint"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([*lines, "", *table])
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 def _token(args: argparse.Namespace) -> int:
     secret = os.environ.get(args.secret_env)
+    if not secret and args.secret_env == SECRET_ENV:
+        secret = _generated_secret()
     if not secret:
         return _error(
             f"{args.secret_env} is not set: export the secret the proxy signs with"
             " (generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
+    kid = args.kid if args.kid is not None else os.environ.get(KID_ENV) or None
     try:
-        token = TokenIssuer(secret, ttl=args.ttl).token_for(args.plugin)
+        token = TokenIssuer(secret, ttl=args.ttl, kid=kid).token_for(args.plugin)
     except ValueError as exc:  # messages name the rule, never the secret
+        if str(exc).startswith("kid"):
+            return _error(f"--kid: {exc}")
         return _error(f"{args.secret_env}: {exc}" if str(exc).startswith("secret") else str(exc))
     print(token)
     return EXIT_OK
+
+
+def _generated_secret() -> str | None:
+    """The secret the proxy generated in the default runtime dir when it ran without one, if any."""
+    from .plugins._secret import SECRET_FILE, shared_secret
+
+    try:
+        runtime_dir = runtime_dir_for("", os.environ)
+        if not os.path.exists(os.path.join(runtime_dir, SECRET_FILE)):
+            return None
+        return shared_secret(runtime_dir)
+    except MintProxyError:
+        return None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -13,6 +13,11 @@ type (so ``plugin = false`` cannot silently fall back to the default).
 Every error message reads ``{file}: {key}: {problem}``, where ``{key}`` is the
 TOML key path, e.g. ``config.dev.toml: [proxy."/peak"].url: upstream URL ...``.
 A missing or empty ``[proxy]`` table is allowed and gives an empty table.
+
+A table-form route with ``app`` or ``command`` is a supervised plugin: it becomes a
+``PluginSpec`` and a route to ``unix:<runtime_dir>/<slug>.sock`` (``plugins.spec``),
+so every worker computes the same route. ``[shared."/prefix"]`` lists plugins the
+platform mounts in-process; the proxy does not route them.
 """
 
 import asyncio
@@ -23,15 +28,18 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import DevConfigError
+from .plugins.spec import PluginSpec, RestartPolicy, check_slug
 from .routing import Route, RouteTable, Upstream, check_mount_path, seconds
 
 CONFIG_ENV = "MINT_PROXY_CONFIG"
 SECRET_ENV = "MINT_INTERNAL_TOKEN_SECRET"
+KID_ENV = "MINT_INTERNAL_TOKEN_KID"
+RUNTIME_DIR_ENV = "MINT_PROXY_RUNTIME_DIR"
 DEFAULT_CONFIG_PATH = "config.dev.toml"
 DEFAULT_RETRY_WINDOW = 2.0
 
@@ -44,8 +52,29 @@ _ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "read_timeout": ((int, float), "a number of seconds"),
     "max_body_bytes": ((int,), "an integer number of bytes"),
 }
-_SETTINGS_KEYS = ("mount_path", "retry_window")
-_TOP_LEVEL_KEYS = ("proxy", "settings")
+# Keys that make a table-form route a supervised plugin (the route keys above, except url, apply too).
+_NUMBER = ((int, float), "a number of seconds")
+_PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "app": ((str,), 'an ASGI import string like "peak_picking.app:app"'),
+    "python": ((str,), "a path to a Python interpreter"),
+    "command": ((str, list), 'a command line: a string or an array of strings, with "{socket}" or "{port}"'),
+    "env": ((dict,), "a table of strings"),
+    "cwd": ((str,), "a directory path"),
+    "startup_timeout": _NUMBER,
+    "health_path": ((str,), 'a path like "/healthz"'),
+    "stop_timeout": _NUMBER,
+    "backoff_initial": _NUMBER,
+    "backoff_max": _NUMBER,
+    "stable_after": _NUMBER,
+    "crash_limit": ((int,), "a positive integer"),
+    "crash_window": _NUMBER,
+}
+_RESTART_KEYS = ("backoff_initial", "backoff_max", "stable_after", "crash_limit", "crash_window")
+_SHARED_KEYS = ("app", "plugin")
+_SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir")
+_TOP_LEVEL_KEYS = ("proxy", "settings", "shared")
+# sun_path holds 108 bytes on Linux (104 on macOS), the terminating NUL included.
+MAX_SOCKET_PATH_BYTES = 103 if os.uname().sysname == "Darwin" else 107
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array"}
 
@@ -62,6 +91,22 @@ class DevConfig:
     routes: RouteTable
     mount_path: str = ""
     retry_window: float = DEFAULT_RETRY_WINDOW
+    #: Where plugin sockets, state, the supervisor lock and a generated secret live ("" for
+    #: the per-user default, resolved by ``runtime_dir_for``).
+    runtime_dir: str = ""
+    #: The supervised plugins (table-form routes with ``app`` or ``command``), in file order.
+    plugins: tuple[PluginSpec, ...] = ()
+    #: ``[shared."/prefix"]``: plugins the platform mounts in-process.
+    shared: tuple["SharedPlugin", ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPlugin:
+    """A ``[shared."/prefix"]`` entry: an ASGI app the platform mounts in-process at ``prefix``."""
+
+    prefix: str
+    app: str
+    plugin: str
 
 
 def config_path_from_environ(environ: Mapping[str, str]) -> str:
@@ -74,8 +119,31 @@ def secret_from_environ(environ: Mapping[str, str]) -> str | None:
     return environ.get(SECRET_ENV) or None
 
 
-def load_dev_config(path: str | os.PathLike[str]) -> DevConfig:
-    """Read and parse a dev config file; raise ``DevConfigError`` naming the file on any problem."""
+def kid_from_environ(environ: Mapping[str, str]) -> str | None:
+    """Return ``$MINT_INTERNAL_TOKEN_KID`` (the ``kid`` header of minted tokens), or ``None``."""
+    return environ.get(KID_ENV) or None
+
+
+def runtime_dir_for(configured: str, environ: Mapping[str, str]) -> str:
+    """The runtime directory: ``$MINT_PROXY_RUNTIME_DIR``, else ``configured``, else the per-user default.
+
+    The environment wins so one config file serves several deployments on one host.
+    """
+    chosen = environ.get(RUNTIME_DIR_ENV) or configured
+    if chosen:
+        return os.path.abspath(chosen)
+    from .plugins.runtime import default_runtime_dir
+
+    return os.path.abspath(default_runtime_dir(environ))
+
+
+def load_dev_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> DevConfig:
+    """Read and parse a dev config file; raise ``DevConfigError`` naming the file on any problem.
+
+    ``environ`` (default: none) supplies ``MINT_PROXY_RUNTIME_DIR`` and the per-user default
+    runtime directory; relative ``runtime_dir``, ``cwd`` and ``python`` paths in the file are
+    relative to the file's directory.
+    """
     name = os.fspath(path)
     try:
         with open(name, "rb") as file:
@@ -91,11 +159,18 @@ def load_dev_config(path: str | os.PathLike[str]) -> DevConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DevConfigError(f"{name}: not UTF-8 (byte {exc.start}); save the file as UTF-8", path=name) from None
-    return parse_dev_config(text, path=name)
+    return parse_dev_config(text, path=name, environ=environ, base_dir=os.path.dirname(os.path.abspath(name)))
 
 
-def parse_dev_config(text: str, *, path: str = "<string>") -> DevConfig:
-    """Parse config text into a ``DevConfig``; pure, ``path`` only appears in messages."""
+def parse_dev_config(
+    text: str, *, path: str = "<string>", environ: Mapping[str, str] | None = None, base_dir: str = ""
+) -> DevConfig:
+    """Parse config text into a ``DevConfig``; ``path`` only appears in messages.
+
+    ``environ`` is read for ``MINT_PROXY_RUNTIME_DIR`` and the default runtime directory
+    only; ``base_dir`` (default: the current directory) anchors relative paths.
+    """
+    environ = {} if environ is None else environ
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -109,26 +184,45 @@ def parse_dev_config(text: str, *, path: str = "<string>") -> DevConfig:
             _fail(
                 path,
                 where,
-                f"unknown key{_did_you_mean(key, _TOP_LEVEL_KEYS)}; allowed top-level tables: [proxy], [settings]",
+                f"unknown key{_did_you_mean(key, _TOP_LEVEL_KEYS)}; allowed top-level tables: "
+                "[proxy], [settings], [shared]",
             )
     proxy = _table(path, document, "proxy")
     settings = _table(path, document, "settings")
-    routes = [_route(path, prefix, entry) for prefix, entry in proxy.items()]
-    try:
-        table = RouteTable(routes)
-    except (ValueError, TypeError) as exc:  # duplicates cannot survive tomllib; kept for parity's sake
-        raise DevConfigError(f"{path}: [proxy]: {exc}", path=path, key="[proxy]") from exc
     for key in settings:
         if key not in _SETTINGS_KEYS:
             allowed = ", ".join(_SETTINGS_KEYS)
             _fail(
                 path, _where(("settings",), key), f"unknown key{_did_you_mean(key, _SETTINGS_KEYS)}; allowed: {allowed}"
             )
+    base = base_dir or os.getcwd()
+    configured = settings.get("runtime_dir", "")
+    if not isinstance(configured, str):
+        _fail(path, _where(("settings",), "runtime_dir"), f"must be a directory path string, got {_kind(configured)}")
+    configured = os.path.join(base, configured) if configured else ""
+    runtime_dir = runtime_dir_for(configured, environ)
+    routes: list[Route] = []
+    plugins: list[PluginSpec] = []
+    for prefix, entry in proxy.items():
+        if _is_plugin(entry):
+            spec, route = _plugin(path, prefix, entry, runtime_dir, base, environ)
+            plugins.append(spec)
+            routes.append(route)
+        else:
+            routes.append(_route(path, prefix, entry))
+    shared = _shared(path, _table(path, document, "shared"), proxy)
+    try:
+        table = RouteTable(routes)
+    except (ValueError, TypeError) as exc:  # duplicates cannot survive tomllib; kept for parity's sake
+        raise DevConfigError(f"{path}: [proxy]: {exc}", path=path, key="[proxy]") from exc
     return DevConfig(
         path=path,
         routes=table,
         mount_path=_mount_path(path, settings.get("mount_path", "")),
         retry_window=_retry_window(path, settings.get("retry_window", DEFAULT_RETRY_WINDOW)),
+        runtime_dir=runtime_dir,
+        plugins=tuple(plugins),
+        shared=shared,
     )
 
 
@@ -160,6 +254,134 @@ def _route(path: str, prefix: str, entry: object) -> Route:
         _fail(path, _where(("proxy", prefix)), 'missing required key url; add url = "http://127.0.0.1:PORT"')
     options = {key: value for key, value in entry.items() if key != "url"}
     return _construct(path, prefix, entry["url"], options, table_form=True)
+
+
+def _is_plugin(entry: object) -> bool:
+    return isinstance(entry, dict) and ("app" in entry or "command" in entry)
+
+
+def _plugin(
+    path: str, prefix: str, entry: dict[str, Any], runtime_dir: str, base: str, environ: Mapping[str, str]
+) -> tuple[PluginSpec, Route]:
+    """Turn a table-form entry with ``app`` or ``command`` into a ``PluginSpec`` and its route."""
+    table = ("proxy", prefix)
+    for key, value in entry.items():
+        where = _where(table, key)
+        if key == "url":
+            _fail(path, where, "a supervised plugin (app or command) listens on its own socket; remove url")
+        if key in _PLUGIN_KEYS:
+            types, expected = _PLUGIN_KEYS[key]
+        elif key in _ROUTE_KEYS:
+            types, expected = _ROUTE_KEYS[key]
+        else:
+            allowed = ", ".join(k for k in (*_ROUTE_KEYS, *_PLUGIN_KEYS) if k != "url")
+            _fail(path, where, f"unknown key{_did_you_mean(key, (*_ROUTE_KEYS, *_PLUGIN_KEYS))}; allowed: {allowed}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            _fail(path, where, f"must be {expected}, got {_kind(value)}")
+        if isinstance(value, str) and not value and key != "cwd":
+            _fail(path, where, "must not be empty")
+    if "app" in entry and "command" in entry:
+        _fail(path, _where(table), "give either app (served by the plugin host) or command, not both")
+    command = entry.get("command")
+    if isinstance(command, list) and (not command or not all(isinstance(part, str) and part for part in command)):
+        _fail(path, _where(table, "command"), "must be a non-empty array of non-empty strings")
+    if command is not None and "python" in entry:
+        _fail(path, _where(table, "python"), "only applies to app; a command names its own interpreter")
+    env = entry.get("env", {})
+    for name, value in env.items():
+        if not isinstance(value, str):
+            _fail(path, _where((*table, "env"), name), f"must be a string, got {_kind(value)}")
+    slug = entry.get("plugin", prefix[1:])
+    try:
+        check_slug(slug)
+    except ValueError as exc:
+        named = "plugin" in entry
+        hint = "" if named else '; set plugin = "a-slug" in this table'
+        _fail(path, _where(table, "plugin" if named else None), f"{exc}{hint}")
+    restart = _restart_policy(path, table, entry)
+    options = {key: entry[key] for key in _ROUTE_KEYS if key in entry and key not in ("url", "plugin")}
+    socket_path = os.path.join(runtime_dir, f"{slug}.sock")
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH_BYTES:
+        source = RUNTIME_DIR_ENV if environ.get(RUNTIME_DIR_ENV) else "[settings].runtime_dir"
+        _fail(
+            path,
+            _where(table),
+            f"socket path {socket_path} is {len(os.fsencode(socket_path))} bytes, more than the "
+            f"{MAX_SOCKET_PATH_BYTES} a Unix socket allows; choose a shorter {source} or plugin name",
+        )
+    route = _construct(path, prefix, f"unix:{socket_path}", {"plugin": slug, **options}, table_form=True)
+    kwargs: dict[str, Any] = {
+        key: entry[key] for key in ("app", "command", "startup_timeout", "health_path", "stop_timeout") if key in entry
+    }
+    for key in ("python", "cwd"):
+        if key in entry:
+            value = entry[key]
+            # A bare interpreter name ("python3.12") is looked up on PATH; a path is relative to the file.
+            relative = key == "cwd" or os.sep in value
+            kwargs[key] = os.path.normpath(os.path.join(base, value)) if relative else value
+    try:
+        spec = PluginSpec(slug=slug, prefix=prefix, env=dict(env), restart=restart, route_options=options, **kwargs)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        culprit = next((k for k in ("startup_timeout", "stop_timeout", "health_path", "command") if k in message), None)
+        _fail(path, _where(table, culprit), message.removeprefix(f"plugin {slug!r}: "))
+    return spec, route
+
+
+def _restart_policy(path: str, table: tuple[str, ...], entry: dict[str, Any]) -> RestartPolicy:
+    values: dict[str, Any] = {}
+    for key in _RESTART_KEYS:
+        if key not in entry:
+            continue
+        value = entry[key]
+        if key == "crash_limit":
+            if value < 1:
+                _fail(path, _where(table, key), f"must be a positive integer, got {value!r}")
+            values[key] = value
+            continue
+        number = seconds(value)
+        least = 0.0 if key == "stable_after" else None
+        if number is None or not math.isfinite(number) or (number < 0 if least == 0.0 else number <= 0):
+            bound = ">= 0" if least == 0.0 else "> 0"
+            _fail(path, _where(table, key), f"must be a finite number of seconds {bound}, got {value!r}")
+        values[key] = number
+    policy = RestartPolicy(**values)
+    if policy.backoff_max < policy.backoff_initial:
+        key = "backoff_max" if "backoff_max" in values else "backoff_initial"
+        problem = f"backoff_max ({policy.backoff_max:g}) must be >= backoff_initial ({policy.backoff_initial:g})"
+        _fail(path, _where(table, key), problem)
+    return policy
+
+
+def _shared(path: str, shared: dict[str, Any], proxy: dict[str, Any]) -> tuple[SharedPlugin, ...]:
+    """``[shared."/prefix"]`` tables: ``app`` (required) and ``plugin``."""
+    found: list[SharedPlugin] = []
+    for prefix, entry in shared.items():
+        table = ("shared", prefix)
+        if not isinstance(entry, dict):
+            _fail(path, _where(("shared",), prefix), f'must be a table with app = "module:app", got {_kind(entry)}')
+        for key, value in entry.items():
+            if key not in _SHARED_KEYS:
+                _fail(path, _where(table, key), f"unknown key{_did_you_mean(key, _SHARED_KEYS)}; allowed: app, plugin")
+            if not isinstance(value, str) or not value:
+                _fail(path, _where(table, key), f"must be a non-empty string, got {_kind(value)}")
+        if "app" not in entry:
+            _fail(path, _where(table), 'missing required key app; add app = "package.module:app"')
+        if prefix in proxy:
+            _fail(
+                path, _where(table), f"{prefix!r} is also routed in [proxy]; a plugin runs shared or isolated, not both"
+            )
+        try:
+            Route(prefix, "http://localhost")  # the same prefix rules as a route
+        except ValueError as exc:
+            _fail(path, _where(table), str(exc))
+        plugin = entry.get("plugin", prefix[1:])
+        try:
+            check_slug(plugin)
+        except ValueError as exc:
+            _fail(path, _where(table, "plugin" if "plugin" in entry else None), str(exc))
+        found.append(SharedPlugin(prefix=prefix, app=entry["app"], plugin=plugin))
+    return tuple(found)
 
 
 def _construct(path: str, prefix: str, url: str, options: dict[str, Any], *, table_form: bool) -> Route:
@@ -250,24 +472,34 @@ class ConfigWatcher:
     baseline is taken at construction, right after the caller loaded the file (if by
     then the file differs from ``routes`` or is broken, the next checks reload or report it).
     Routes apply live; ``mount_path`` and ``retry_window`` are read at startup
-    only, so changing them logs a warning asking for a restart.
+    only, so changing them logs a warning asking for a restart. ``on_reload(config)``
+    runs after each applied reload (the dev app restarts the plugins whose entry changed).
     """
 
     def __init__(
-        self, path: str, routes: RouteTable, *, interval: float = 1.0, logger: logging.Logger | None = None
+        self,
+        path: str,
+        routes: RouteTable,
+        *,
+        interval: float = 1.0,
+        logger: logging.Logger | None = None,
+        environ: Mapping[str, str] | None = None,
+        on_reload: Callable[[DevConfig], object] | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.path = path
         self.interval = interval
         self._routes = routes
+        self._environ = environ
+        self._on_reload = on_reload
         self._logger = logger or logging.getLogger("mint_proxy")
         self._signature = _signature(path)
         self._pending: tuple[int, int, int] | None | bool = False  # a new signature seen once (False: none)
         # Baseline for the restart warning: the settings the file holds now (best effort).
         self._settings: tuple[str, float] | None = None
         try:
-            config = load_dev_config(path)
+            config = load_dev_config(path, environ=environ)
         except DevConfigError:
             self._signature = None  # broken since the caller loaded it: the first check reports why
             return
@@ -289,7 +521,7 @@ class ConfigWatcher:
             return False
         self._signature, self._pending = signature, False
         try:
-            config = load_dev_config(self.path)
+            config = load_dev_config(self.path, environ=self._environ)
         except DevConfigError as exc:
             self._logger.error("%s; keeping the last good routes (%d)", exc, len(self._routes))
             return False
@@ -301,6 +533,8 @@ class ConfigWatcher:
         self._settings = settings
         self._routes.replace(config.routes)
         self._logger.info("reloaded %s: %d routes", self.path, len(config.routes))
+        if self._on_reload is not None:
+            self._on_reload(config)
         return True
 
     async def run(self) -> None:

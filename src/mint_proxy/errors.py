@@ -13,6 +13,7 @@
         ├── UpstreamUnavailable        502  the plugin refused or dropped the connection
         ├── UpstreamProtocolError      502  the plugin answered with invalid HTTP
         ├── UpstreamRefused            4xx/5xx  the plugin refused a WebSocket upgrade
+        ├── PluginUnavailable          503  the supervisor reports the plugin down (BACKOFF, FATAL, STOPPED)
         └── UpstreamTimeout            504  the plugin did not connect or answer in time
 
 Every ``ProxyError`` becomes a JSON response in exactly one place
@@ -135,3 +136,17 @@ class UpstreamTimeout(ProxyError):
 
     status = 504
     error = "gateway_timeout"
+
+
+class PluginUnavailable(ProxyError):
+    """Raised when the supervisor reports the plugin BACKOFF, FATAL or STOPPED beyond the retry window.
+
+    ``retry_after`` (whole seconds) becomes the response's ``Retry-After``.
+    """
+
+    status = 503
+    error = "plugin_unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -1,5 +1,6 @@
 """Running isolated plugins: specs, the supervisor, and the runtime directory they share."""
 
+from ._views import status_document
 from .runtime import (
     RuntimeDirError,
     StateFileError,
@@ -31,6 +32,7 @@ __all__ = [
     "ensure_runtime_dir",
     "read_state",
     "read_status",
+    "status_document",
     "supervisor_running",
     "sweep",
 ]

@@ -71,6 +71,9 @@ def make_endpoint(spec: PluginSpec, runtime_dir: str) -> Endpoint:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: a server handed a pre-bound socket otherwise answers
+        # each keep-alive request after the first ~40 ms late (Nagle + delayed ACK).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(("127.0.0.1", 0))
         if "{fd}" in command:
             sock.listen(128)

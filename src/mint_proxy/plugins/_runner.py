@@ -196,7 +196,9 @@ class PluginRunner:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=spec.cwd,
-                process_group=0,
+                # Its own process group (and session). Not process_group=0: uvloop, uvicorn's
+                # default loop, refuses that keyword ("unexpected kwargs: process_group").
+                start_new_session=True,
                 pass_fds=fds,
             )
         except OSError as exc:
