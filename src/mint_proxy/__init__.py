@@ -18,6 +18,7 @@ from .errors import (
     HeadersTooLarge,
     InvalidInternalToken,
     LoopDetected,
+    MethodNotAllowed,
     MintProxyError,
     NotFound,
     PayloadTooLarge,
@@ -27,6 +28,7 @@ from .errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    URITooLong,
 )
 from .routing import Route, RouteTable, Upstream
 from .tokens import (
@@ -57,6 +59,7 @@ __all__ = [
     "InternalTokenClaims",
     "InvalidInternalToken",
     "LoopDetected",
+    "MethodNotAllowed",
     "MintProxyError",
     "NotFound",
     "PayloadTooLarge",
@@ -66,6 +69,7 @@ __all__ = [
     "Route",
     "RouteTable",
     "TokenIssuer",
+    "URITooLong",
     "Upstream",
     "UpstreamPool",
     "UpstreamProtocolError",

@@ -6,6 +6,7 @@ Every ``ProxyError`` becomes a response here and nowhere else.
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 from ._types import Message, RawHeaders, Scope, Send
 from .headers import REQUEST_ID_HEADER
@@ -25,9 +26,17 @@ def error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHe
 
 
 async def send_error(
-    send: Send, status: int, error: str, detail: str, request_id: bytes, *, close: bool = False
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    request_id: bytes,
+    *,
+    close: bool = False,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     body, headers = error_body(error, detail, request_id)
+    headers += extra_headers
     if close:
         headers.append((b"connection", b"close"))
     message: Message = {"type": "http.response.start", "status": status, "headers": headers}

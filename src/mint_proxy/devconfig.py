@@ -43,6 +43,7 @@ _ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "connect_timeout": ((int, float), "a number of seconds"),
     "read_timeout": ((int, float), "a number of seconds"),
     "max_body_bytes": ((int,), "an integer number of bytes"),
+    "max_message_bytes": ((int,), "an integer number of bytes"),
 }
 _SETTINGS_KEYS = ("mount_path", "retry_window")
 _TOP_LEVEL_KEYS = ("proxy", "settings")
