@@ -7,8 +7,9 @@ prefix matches the decoded path (relative to ``mount_path``) at a segment
 boundary, longest prefix first. No match: the wrapped app gets the request
 untouched. A match is proxied:
 
-1. Refuse what must not be forwarded (dot segments, a bad target, ambiguous
-   framing, a loop through this proxy) with a JSON error; see ``headers.py``.
+1. Refuse what must not be forwarded (dot segments, a bad or over-long target,
+   ambiguous framing, a loop through this proxy, a method that echoes or tunnels)
+   with a JSON error; see ``headers.py``.
 2. Read the first body message. If it holds the whole body, the request head and
    body go upstream in one write; otherwise the body streams chunk by chunk,
    framed anew (``Content-Length`` when the client gave one, else chunked), with
@@ -18,7 +19,8 @@ untouched. A match is proxied:
    going away (``Connection.watch_client``: a task, started only for exchanges
    still running after ``WATCH_DELAY``, that aborts the upstream connection, so
    the plugin stops working for nobody and the connection is never pooled).
-4. The response head is filtered (``headers.filter_response``) and sent; body
+4. The response head is filtered (``headers.filter_response``; fields carrying the
+   request's own internal token are dropped first, see ``_drop_secret``) and sent; body
    chunks are passed on as they arrive. ``Content-Length`` is kept when the
    plugin sent one, otherwise the ASGI server chunks the response.
 5. A failure before the response starts becomes a JSON error (502/504/...). After
