@@ -23,7 +23,9 @@ The proxy's own headers are appended afterwards (``ProxyMiddleware.proxy_lines``
 so no ``Connection`` token can remove them. Response headers go through
 ``filter_response``: hop-by-hop and framing headers, and any internal token,
 are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
-pointing at the upstream is mapped back to the client-visible path.
+pointing at the upstream is mapped back to the client-visible path, only when the
+result is a plain path on the client's host (a rewrite never changes the host).
+``drop_fields_containing`` removes fields that carry the request's internal token.
 """
 
 import os
