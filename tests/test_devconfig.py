@@ -50,7 +50,7 @@ VALID = [
     # Table form with every option.
     pytest.param(
         '[proxy."/slow-analysis"]\nurl = "http://127.0.0.1:8006/base"\nplugin = "slow"\nstrip_prefix = true\n'
-        "connect_timeout = 2.5\nread_timeout = 3600\nmax_body_bytes = 10485760\n",
+        "connect_timeout = 2.5\nread_timeout = 3600\nmax_body_bytes = 10485760\nmax_message_bytes = 1048576\n",
         [
             Route(
                 "/slow-analysis",
@@ -60,6 +60,7 @@ VALID = [
                 connect_timeout=2.5,
                 read_timeout=3600,
                 max_body_bytes=10485760,
+                max_message_bytes=1048576,
             )
         ],
         id="table-form-every-option",
@@ -191,6 +192,18 @@ INVALID = [
         '[proxy."/a"].read_timeout',
         "read_timeout must be a positive number of seconds",
         id="read-timeout-zero",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nmax_message_bytes = 0\n',
+        '[proxy."/a"].max_message_bytes',
+        "must be a positive integer",
+        id="max-message-zero",
+    ),
+    pytest.param(
+        '[proxy."/a"]\nurl = "http://h"\nmax_message_bytes = "16M"\n',
+        '[proxy."/a"].max_message_bytes',
+        "must be an integer number of bytes",
+        id="max-message-string",
     ),
     pytest.param(
         '[proxy."/a"]\nurl = "http://h"\nmax_body_bytes = -1\n',

@@ -4,7 +4,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from mint_proxy.errors import BadRequest, HeadersTooLarge, LoopDetected
 from mint_proxy.headers import (
@@ -661,3 +661,70 @@ def test_rewrite_location_recognises_an_explicit_default_port(route: Route) -> N
 
 def test_rewrite_location_of_origin_with_query_and_no_path_points_at_the_root() -> None:
     assert rewrite_location(b"http://127.0.0.1:8005?q=1", route=ROUTE, client_prefix="") == b"/?q=1"
+
+
+# A rewrite never changes the host: each of these would be read by a browser as another host (or
+# needs a browser's clean-up first), so the plugin's own value stays.
+LOCATION_HOST_ESCAPES = [
+    b"//evil.example/x",
+    b"/\\evil.example/x",
+    b"/\t/evil.example",
+    b"/\n/evil.example",
+    b"/\r\n/evil.example",
+    b"/ //evil.example",
+    b"/\x00/evil.example",
+    b"/\x7f/evil.example",
+]
+UNSTRIPPED = Route("/peak", "http://127.0.0.1:8005")
+
+
+@pytest.mark.parametrize("path", LOCATION_HOST_ESCAPES, ids=repr)
+def test_rewrite_of_an_absolute_location_never_points_at_another_host(path: bytes) -> None:
+    """Regression test: ``http://<plugin origin>//evil.example/x`` became ``//evil.example/x``."""
+    location = b"http://127.0.0.1:8005" + path
+    assert rewrite_location(location, route=UNSTRIPPED, client_prefix="") == location
+
+
+@pytest.mark.parametrize("path", LOCATION_HOST_ESCAPES, ids=repr)
+def test_stripping_a_base_path_never_makes_a_location_point_at_another_host(path: bytes) -> None:
+    """Removing the base path ``/base`` from ``/base//evil`` would leave ``//evil``."""
+    for location in (b"/base" + path, b"http://127.0.0.1:8005/base" + path):
+        assert rewrite_location(location, route=BASED_NOT_STRIPPED, client_prefix="") == location
+
+
+def browser_host(location: bytes) -> str | None:
+    """The host a browser on http://client.example/ goes to for ``location``, as the WHATWG URL
+    parser reads it: leading and trailing C0 controls and spaces stripped, tab and newlines
+    removed anywhere, '\\' read as '/' in http URLs; ``None`` for a scheme other than http(s)."""
+    text = location.decode("latin-1").strip("".join(map(chr, range(0x21))))
+    text = re.sub("[\t\n\r]", "", text).replace("\\", "/")
+    if re.match(r"(?i)https?:", text):
+        text = re.sub(r"(?i)^https?:/*", "//", text)
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", text):
+        return None
+    if text.startswith("//"):
+        return re.split(r"[/?#]", text[2:], maxsplit=1)[0].rpartition("@")[2].lower()
+    return "client.example"
+
+
+LOCATION_PIECES = st.lists(
+    st.sampled_from(
+        [b"/", b"//", b"\\", b"\t", b"\n", b" ", b"\x00", b"evil.example", b"x", b".", b"base", b"?", b"@"]
+    ),
+    max_size=6,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    route=st.sampled_from([UNSTRIPPED, STRIPPED, BASED, BASED_NOT_STRIPPED, UNIX]),
+    absolute=st.booleans(),
+    rest=LOCATION_PIECES,
+)
+def test_a_rewritten_location_always_stays_on_the_clients_host(route: Route, absolute: bool, rest: bytes) -> None:
+    """Property: whatever the plugin sends, a value the proxy changed names the client's own host."""
+    location = (route.upstream.origin.encode() if absolute else b"") + rest
+    prefix = "/api/peak" if route.strip_prefix else ""
+    rewritten = rewrite_location(location, route=route, client_prefix=prefix)
+    if rewritten != location:
+        assert browser_host(rewritten) == "client.example", rewritten

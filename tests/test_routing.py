@@ -292,6 +292,19 @@ def test_route_rejects_a_bad_max_body_bytes(limit: Any) -> None:
         Route("/peak", URL, max_body_bytes=limit)
 
 
+def test_route_allows_websocket_messages_of_16_mib_by_default() -> None:
+    """uvicorn's own --ws-max-size default."""
+    assert Route("/peak", URL).max_message_bytes == 16 * 2**20
+
+
+@pytest.mark.parametrize(
+    "limit", [0, -1, True, 1.5, "10", None], ids=["zero", "negative", "bool", "float", "string", "none"]
+)
+def test_route_rejects_a_bad_max_message_bytes(limit: Any) -> None:
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        Route("/peak", URL, max_message_bytes=limit)
+
+
 def test_routes_with_the_same_fields_are_equal() -> None:
     assert Route("/peak", URL, read_timeout=10) == Route("/peak", URL, read_timeout=10)
     assert Route("/peak", URL) != Route("/peak", OTHER_URL)

@@ -54,7 +54,8 @@ def serve(app: Any, *, http: str = "httptools", uds: bool = False, port: int = 0
         url, path = f"http://127.0.0.1:{port}", ""
     options.setdefault("lifespan", "off")
     options.setdefault("log_level", "warning")
-    config = uvicorn.Config(app, http=http, ws="websockets-sansio", **options)
+    options.setdefault("ws", "websockets-sansio")
+    config = uvicorn.Config(app, http=http, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from .errors import (
     HeadersTooLarge,
     InvalidInternalToken,
     LoopDetected,
+    MethodNotAllowed,
     MintProxyError,
     NotFound,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from .errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    URITooLong,
 )
 from .routing import Route, RouteTable, Upstream
 from .tokens import (
@@ -58,6 +60,7 @@ __all__ = [
     "InternalTokenClaims",
     "InvalidInternalToken",
     "LoopDetected",
+    "MethodNotAllowed",
     "MintProxyError",
     "NotFound",
     "PayloadTooLarge",
@@ -68,6 +71,7 @@ __all__ = [
     "Route",
     "RouteTable",
     "TokenIssuer",
+    "URITooLong",
     "Upstream",
     "UpstreamPool",
     "UpstreamProtocolError",

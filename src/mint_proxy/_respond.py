@@ -33,10 +33,10 @@ async def send_error(
     request_id: bytes,
     *,
     close: bool = False,
-    extra: Sequence[tuple[bytes, bytes]] = (),
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     body, headers = error_body(error, detail, request_id)
-    headers += extra
+    headers += extra_headers
     if close:
         headers.append((b"connection", b"close"))
     message: Message = {"type": "http.response.start", "status": status, "headers": headers}

@@ -120,6 +120,8 @@ class Connection(asyncio.Protocol):
         self.client_gone = False
         self._write_paused = False
         self._read_paused = False
+        self._secret = b""
+        self.secret_in_head = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -178,6 +180,8 @@ class Connection(asyncio.Protocol):
                 head = parse_response_head(data[:end], head_request=self._head_request)
             except ValueError as exc:
                 return self._fail(f"the plugin sent an invalid response ({exc})")
+            if self._secret and data.find(self._secret, 0, end) >= 0:
+                self.secret_in_head = True
             data = data[end + 4 :]
             if head.status == 101:
                 return self._fail("the plugin switched protocols without being asked to")
@@ -292,10 +296,18 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange, as the proxy's task sees it --------------------------
 
-    def begin(self, *, head_request: bool) -> None:
-        """Start a new exchange on this connection."""
+    def begin(self, *, head_request: bool, secret: bytes = b"") -> None:
+        """Start a new exchange on this connection.
+
+        ``secret`` (the internal token the request carried) is looked for in the response
+        head, one scan of the bytes as they are parsed: ``secret_in_head`` says if it may be
+        there. Only its last 16 bytes are searched for (a JWT ends in about 90 random bits of its
+        signature): a short needle costs little to set up, a 280-byte one a pass over itself.
+        """
         self._state = _HEAD
         self._head_request = head_request
+        self._secret = secret[-16:]
+        self.secret_in_head = False
         self.head = None
         self._complete = False
         self._trailer_bytes = 0

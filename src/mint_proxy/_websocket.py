@@ -9,9 +9,18 @@ same code and reason. When the plugin closes, what it sent before its close stil
 reaches the client, then its close code (RFC 6455 §7.1.2), even if the client was
 sending meanwhile. Once the plugin connection is open it is closed on every way out,
 a client that left during the handshake included.
+
+Memory is bounded per connection: no message larger than the route's
+``max_message_bytes`` is assembled in either direction. The plugin's is refused
+by the websockets client as its frame header arrives (the client, proxy side,
+closes the plugin with 1009); the client's by the relay (uvicorn's own
+``--ws-max-size`` bounds what it assembles first). Either way both sides get
+1009 ("message too big", RFC 6455 §7.4.1). At most ``_MAX_QUEUE`` frames from the
+plugin wait for a slow client before the proxy stops reading the plugin.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,14 +30,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Subprotocol
 
 from ._respond import error_body, log_access
-from ._types import Receive, Scope, Send
+from ._types import RawHeaders, Receive, Scope, Send
 from ._upstream import retry_refused
 from .errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from .headers import client_request_id, inspect_request, new_request_id
+from .headers import client_request_id, drop_fields_containing, inspect_request, new_request_id
 from .routing import Route
 
 if TYPE_CHECKING:
     from .asgi import ProxyMiddleware
+
+logger = logging.getLogger("mint_proxy")
 
 # The handshake headers the websockets client makes itself (RFC 6455 §4.1).
 _HANDSHAKE = frozenset(
@@ -36,6 +47,12 @@ _HANDSHAKE = frozenset(
 )
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
+_TOO_BIG = 1009  # RFC 6455 §7.4.1: a message too big to process
+# Frames read from the plugin ahead of a slow client (websockets pauses reading above this): with
+# messages up to max_message_bytes each, this is what a connection may hold in memory at most.
+_MAX_QUEUE = 4
+# How the client-to-plugin relay ended.
+_CLIENT_LEFT, _PLUGIN_CLOSED, _CLIENT_TOO_BIG = range(3)
 # A plugin's refusal keeps its status, and the headers that status needs to mean anything:
 # RFC 9110 §11.6.1 (401), §15.5.6 (405), §10.2.3 (503/429), RFC 6455 §4.4 (426 version).
 _REFUSAL_HEADERS = frozenset({"www-authenticate", "allow", "retry-after", "sec-websocket-version"})
@@ -72,17 +89,25 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
         if b"#" in target:
             raise BadRequest("a WebSocket URI must not have a fragment (RFC 6455 §3)")
         headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + proxy.proxy_headers(scope, route, info)
+        secret = proxy._plan(route).secret  # the token these headers carry
         upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
     except InvalidStatus as exc:
         # A refusal (4xx/5xx) keeps its status; any other answer to an upgrade is not a WebSocket.
         # (A 407 would ask the client to authenticate to a proxy: not the plugin's to ask.)
         status = exc.response.status_code
         if status >= 400 and status != 407:
-            kept = [
+            kept: RawHeaders = [
                 (name.lower().encode("latin-1"), value.encode("latin-1"))
                 for name, value in exc.response.headers.raw_items()
                 if name.lower() in _REFUSAL_HEADERS
             ]
+            if secret:
+                kept, dropped = drop_fields_containing(kept, secret)
+                if dropped:  # (e.g. WWW-Authenticate: Bearer <token>)
+                    names = ", ".join(sorted({name.decode("latin-1") for name in dropped}))
+                    logger.warning(
+                        "plugin %s put its internal token in response header(s) %s: dropped", route.plugin, names
+                    )
             refused = UpstreamRefused("the plugin refused the WebSocket", status=status)
             await deny_websocket(scope, send, refused, request_id, started, route.plugin, headers=kept)
         else:
@@ -94,21 +119,26 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
         return
 
     relays: list[asyncio.Future[Any]] = []
+    close_code, close_reason = 1000, ""
     try:
         accept = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
         await send({**accept, "headers": [(b"x-request-id", request_id)]})
-        to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream))
+        to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream, route.max_message_bytes))
         to_client = asyncio.ensure_future(_upstream_to_client(upstream, send))
         relays = [to_upstream, to_client]
         await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
-        plugin_closed = to_upstream.done() and to_upstream.exception() is None and to_upstream.result() is False
-        if plugin_closed:
+        ended = to_upstream.result() if to_upstream.done() and to_upstream.exception() is None else None
+        if ended == _PLUGIN_CLOSED:
             await to_client  # the plugin closed while the client was sending: relay the rest, then its close
+        elif ended == _CLIENT_TOO_BIG:
+            to_client.cancel()  # (before the close below ends it, so the client gets one close: this one)
+            close_code, close_reason = _TOO_BIG, "message too big"
+            await send({"type": "websocket.close", "code": close_code, "reason": close_reason})
     finally:
         for task in relays:
             task.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
-        await upstream.close()
+        await upstream.close(close_code, close_reason)
         log_access(request_id, scope, route.plugin, 101, started)
 
 
@@ -131,7 +161,8 @@ async def _open(
         "user_agent_header": None,  # the client's own User-Agent is forwarded
         "open_timeout": route.connect_timeout,
         "ping_interval": None,
-        "max_size": None,
+        "max_size": route.max_message_bytes,
+        "max_queue": _MAX_QUEUE,
         "create_connection": _UpstreamConnection,
     }
 
@@ -154,20 +185,24 @@ async def _open(
     return await retry_refused(open_connection, retry_window=proxy.retry_window)
 
 
-async def _client_to_upstream(receive: Receive, upstream: ClientConnection) -> bool:
-    """Relay client messages; return True when the client left, False when the plugin connection closed."""
+async def _client_to_upstream(receive: Receive, upstream: ClientConnection, limit: int) -> int:
+    """Relay client messages until the client leaves, the plugin closes, or a message is over ``limit``."""
     while True:
         message = await receive()
         if message["type"] == "websocket.receive":
             text = message.get("text")
+            data: str | bytes = text if text is not None else message.get("bytes") or b""
+            # (UTF-8 takes 1 to 4 bytes a character: encode only when the length alone cannot tell.)
+            if len(data) > limit or (isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit):
+                return _CLIENT_TOO_BIG
             try:
-                await upstream.send(text if text is not None else message.get("bytes") or b"")
+                await upstream.send(data)
             except ConnectionClosed:
-                return False
+                return _PLUGIN_CLOSED
         elif message["type"] == "websocket.disconnect":
             code = message.get("code", 1000)
             await upstream.close(1000 if code in _UNSENDABLE else code, message.get("reason") or "")
-            return True
+            return _CLIENT_LEFT
 
 
 async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
@@ -180,7 +215,11 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
     except ConnectionClosed:
         pass
     close = upstream.protocol.close_rcvd
-    if close is None or close.code in _UNSENDABLE:
+    sent = upstream.protocol.close_sent
+    if sent is not None and sent.code == _TOO_BIG and upstream.protocol.close_rcvd_then_sent is not True:
+        # The proxy closed the plugin for a message over max_message_bytes: tell the client why.
+        await send({"type": "websocket.close", "code": _TOO_BIG, "reason": "message too big"})
+    elif close is None or close.code in _UNSENDABLE:
         await send({"type": "websocket.close", "code": 1011 if close is None else 1000, "reason": ""})
     else:
         await send({"type": "websocket.close", "code": close.code, "reason": close.reason})
@@ -201,7 +240,7 @@ async def deny_websocket(
     close (the server then answers 403)."""
     if "websocket.http.response" in scope.get("extensions", {}):
         body, fields = error_body(error.error, error.detail, request_id)
-        fields += list(headers)
+        fields += [*error.headers, *headers]
         await send({"type": "websocket.http.response.start", "status": error.status, "headers": fields})
         await send({"type": "websocket.http.response.body", "body": body})
     else:

@@ -7,8 +7,9 @@ prefix matches the decoded path (relative to ``mount_path``) at a segment
 boundary, longest prefix first. No match: the wrapped app gets the request
 untouched. A match is proxied:
 
-1. Refuse what must not be forwarded (dot segments, a bad target, ambiguous
-   framing, a loop through this proxy) with a JSON error; see ``headers.py``.
+1. Refuse what must not be forwarded (dot segments, a bad or over-long target,
+   ambiguous framing, a loop through this proxy, a method that echoes or tunnels)
+   with a JSON error; see ``headers.py``.
 2. Read the first body message. If it holds the whole body, the request head and
    body go upstream in one write; otherwise the body streams chunk by chunk,
    framed anew (``Content-Length`` when the client gave one, else chunked), with
@@ -18,7 +19,8 @@ untouched. A match is proxied:
    going away (``Connection.watch_client``: a task, started only for exchanges
    still running after ``WATCH_DELAY``, that aborts the upstream connection, so
    the plugin stops working for nobody and the connection is never pooled).
-4. The response head is filtered (``headers.filter_response``) and sent; body
+4. The response head is filtered (``headers.filter_response``; fields carrying the
+   request's own internal token are dropped first, see ``_drop_secret``) and sent; body
    chunks are passed on as they arrive. ``Content-Length`` is kept when the
    plugin sent one, otherwise the ASGI server chunks the response.
 5. A failure before the response starts becomes a JSON error (502/504/...). After
@@ -48,17 +50,20 @@ from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
 from .errors import (
     BadRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     PluginUnavailable,
     ProxyError,
     RequestTimeout,
     UpstreamUnavailable,
+    URITooLong,
 )
 from .headers import (
     RequestInfo,
     _keep_only,
     client_request_id,
+    drop_fields_containing,
     field_lines,
     filter_response,
     forwarded_lines,
@@ -74,11 +79,21 @@ from .tokens import TokenIssuer
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods never forwarded to a plugin (405): TRACE and TRACK echo the request, internal token
+# included (RFC 9110 §9.3.8 lets a server reflect it); CONNECT asks for a tunnel, which an
+# HTTP/1.1 server in front of a plugin would then be in (h11 switches protocol on a 2xx);
+# PRI is only ever the HTTP/2 connection preface (RFC 9113 §3.4). Everything else passes.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK", "PRI"})
+# The longest request target (raw path, '?', query) forwarded: nginx's default, a request line
+# that fits in one 8 KiB large_client_header_buffers buffer. Longer is a 414.
+MAX_TARGET_BYTES = 8 * 1024
 # The request target's path: printable ASCII without '#' and '?' (``raw.translate(_PATH_TABLE) == raw``);
 # its query: any printable ASCII (uvicorn's h11 side leaves a '#fragment' in it; the plugin's server
 # parses it as it would in-process). Nothing that could end or split the request line.
 _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
 _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
+# A '.' or '..' segment after a '/' (one C scan; a split into segments costs 30 times more on long paths).
+_DOT_SEGMENT = re.compile(r"/\.\.?(?=/|\Z)")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
 # What ASGI servers guarantee, checked again: a middleware in front that rewrote the body without
 # its Content-Length would otherwise make the plugin read the rest as a second request.
@@ -202,7 +217,7 @@ class ProxyMiddleware:
         A path with dot segments that touches a route, as written or once resolved,
         is refused (``BadRequest``); other dot-segment paths fall through untouched.
         """
-        if "/." in path and any(s in (".", "..") for s in path.split("/")):
+        if "/." in path and (_DOT_SEGMENT.search(path) or path.partition("/")[0] in (".", "..")):
             if self._route(path) or self._route(_remove_dot_segments(path)):
                 raise BadRequest("the path contains '.' or '..' segments")
             return None
@@ -220,17 +235,26 @@ class ProxyMiddleware:
     async def _refuse(self, scope: Scope, send: Send, error: ProxyError, plugin: str = "-") -> None:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
         request_id = client_request_id(scope["headers"]) or new_request_id()
-        extra = [(b"retry-after", b"%d" % error.retry_after)] if isinstance(error, PluginUnavailable) else []
         if scope["type"] == "http":
-            close = error.close_connection
-            await send_error(send, error.status, error.error, error.detail, request_id, close=close, extra=extra)
+            await send_error(
+                send,
+                error.status,
+                error.error,
+                error.detail,
+                request_id,
+                close=error.close_connection,
+                extra_headers=error.headers,
+            )
             log_access(request_id, scope, plugin, error.status, 0.0)
         else:
-            await deny_websocket(scope, send, error, request_id, 0.0, plugin, headers=extra)
+            await deny_websocket(scope, send, error, request_id, 0.0, plugin)
 
     def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
         raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        query: bytes = scope.get("query_string", b"")
+        if len(raw) + len(query) + (1 if query else 0) > MAX_TARGET_BYTES:  # (the '?' counts)
+            raise URITooLong(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
         if raw[:1] != b"/" or raw.translate(_PATH_TABLE) != raw:
             raise BadRequest("the request target must be a path of printable ASCII characters")
         if route.strip_prefix:
@@ -240,7 +264,6 @@ class ProxyMiddleware:
             raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
         elif not raw:
             raw = b"/"
-        query: bytes = scope.get("query_string", b"")
         if not query:
             return raw
         if query.translate(_QUERY_TABLE) != query:
@@ -268,7 +291,8 @@ class ProxyMiddleware:
         if self.tokens is not None:
             token = self.tokens.token_for(route.plugin)
             if token is not plan.token:
-                plan.token, plan.token_line = token, b"x-mint-internal-token: %s\r\n" % token.encode("ascii")
+                plan.secret = token.encode("ascii")
+                plan.token, plan.token_line = token, b"x-mint-internal-token: %s\r\n" % plan.secret
             lines += plan.token_line
         return lines
 
@@ -291,6 +315,9 @@ class ProxyMiddleware:
                 info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via_marker)
                 request_id = info.request_id
                 method: str = scope["method"]
+                if method in REFUSED_METHODS:
+                    raise MethodNotAllowed(f"{method} is not forwarded to plugins")
+                target = self.upstream_target(scope, route)
                 limit = route.max_body_bytes
                 if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
                     # (HTTP/2 and 3 may carry a body without any framing header, RFC 9113 §8.1.)
@@ -316,6 +343,7 @@ class ProxyMiddleware:
 
                 plan = self._plan(route)
                 lines = field_lines(info.headers) + self._proxy_lines(scope, plan, info)
+                secret = plan.secret  # the token this request carries (the plan's may be renewed meanwhile)
                 if info.host is None:
                     lines += b"host: %s\r\n" % _authority(route)
                 chunked = info.content_length is None and (info.chunked or more)
@@ -328,14 +356,13 @@ class ProxyMiddleware:
                 elif info.content_length is not None or body:
                     length = len(body) if info.content_length is None else info.content_length
                     lines += b"content-length: %d\r\n" % length
-                target = self.upstream_target(scope, route)
                 request = b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body)
 
                 timeout = route.read_timeout
                 conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
                     route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                 )
-                conn.begin(head_request=method == "HEAD")
+                conn.begin(head_request=method == "HEAD", secret=secret)
                 conn.write(request)
                 while more:
                     if conn.head is not None:
@@ -372,15 +399,17 @@ class ProxyMiddleware:
                     conn = await self.pool.connect(
                         route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                     )
-                    conn.begin(head_request=method == "HEAD")
+                    conn.begin(head_request=method == "HEAD", secret=secret)
                     conn.write(request)
                     conn.request_complete = True
                     conn.watch_client(receive)
                     while conn.head is None:
                         await conn.wait(timeout)
                 head = conn.head
-
-                headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
+                fields = head.headers
+                if conn.secret_in_head:
+                    fields = _drop_secret(fields, secret, route)
+                headers = filter_response(fields, request_id=request_id, route=route, client_prefix=plan.prefix)
                 if head.content_length is not None:
                     headers.append((b"content-length", b"%d" % head.content_length))
                 await send({"type": "http.response.start", "status": head.status, "headers": headers})
@@ -393,7 +422,15 @@ class ProxyMiddleware:
                 status = exc.status
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
-                await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
+                await send_error(
+                    send,
+                    exc.status,
+                    exc.error,
+                    exc.detail,
+                    request_id,
+                    close=exc.close_connection,
+                    extra_headers=exc.headers,
+                )
                 return
 
             # The response has started. From here a failure aborts the client's connection
@@ -431,7 +468,7 @@ class ProxyMiddleware:
 class _Plan:
     """What the proxy works out once per route rather than once per request."""
 
-    __slots__ = ("route", "prefix", "token", "token_line")
+    __slots__ = ("route", "prefix", "token", "token_line", "secret")
 
     def __init__(self, route: Route, mount_path: str) -> None:
         self.route = route
@@ -439,6 +476,19 @@ class _Plan:
         self.prefix = mount_path + route.prefix if route.strip_prefix else ""
         self.token: str | None = None
         self.token_line = b""
+        self.secret = b""  # the token as bytes, looked for in the plugin's response head
+
+
+def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
+    """The plugin's response fields without any that carries the token it was given, with a warning.
+
+    The token opens the platform's internal API as this plugin; a client must never see it.
+    """
+    kept, dropped = drop_fields_containing(fields, secret)
+    if dropped:  # (a token in the reason phrase goes nowhere: ASGI passes the status code only)
+        names = ", ".join(sorted({name.decode("latin-1") for name in dropped}))
+        logger.warning("plugin %s put its internal token in response header(s) %s: dropped", route.plugin, names)
+    return kept
 
 
 def _may_retry(conn: Connection, method: str) -> bool:

@@ -51,6 +51,7 @@ _ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "connect_timeout": ((int, float), "a number of seconds"),
     "read_timeout": ((int, float), "a number of seconds"),
     "max_body_bytes": ((int,), "an integer number of bytes"),
+    "max_message_bytes": ((int,), "an integer number of bytes"),
 }
 # Keys that make a table-form route a supervised plugin (the route keys above, except url, apply too).
 _NUMBER = ((int, float), "a number of seconds")

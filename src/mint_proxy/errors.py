@@ -6,8 +6,10 @@
     └── ProxyError                a request cannot be proxied; carries the HTTP status
         ├── BadRequest                 400  the request is malformed or ambiguous
         ├── NotFound                   404  no route matches and there is no app behind the proxy
+        ├── MethodNotAllowed           405  CONNECT, TRACE, TRACK or PRI on a route prefix
         ├── RequestTimeout             408  the client stopped sending its body
         ├── PayloadTooLarge            413  the body exceeds the route's max_body_bytes
+        ├── URITooLong                 414  the request target exceeds MAX_TARGET_BYTES
         ├── HeadersTooLarge            431  the request headers exceed the proxy's limit
         ├── LoopDetected               508  the request already passed through this proxy
         ├── UpstreamUnavailable        502  the plugin refused or dropped the connection
@@ -53,6 +55,8 @@ class ProxyError(MintProxyError):
     error: str = "bad_gateway"
     #: Answer with ``Connection: close``: the rest of the request body is not worth reading.
     close_connection: bool = False
+    #: Headers the status needs to mean anything (``Allow`` for 405), sent with the JSON error.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -76,6 +80,18 @@ class NotFound(ProxyError):
     error = "not_found"
 
 
+class MethodNotAllowed(ProxyError):
+    """Raised for a method the proxy never forwards to a plugin (CONNECT, TRACE, TRACK, PRI)."""
+
+    status = 405
+    error = "method_not_allowed"
+    # Whatever follows a CONNECT head is tunnel data to a server that said yes: never read it as requests.
+    close_connection = True
+    # RFC 9110 §15.5.6: a 405 lists the methods the target supports. Plugins answer any other
+    # method themselves; these are the ones they usually implement.
+    headers = ((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
+
+
 class RequestTimeout(ProxyError):
     """Raised when the client goes idle for too long while sending its body."""
 
@@ -89,6 +105,14 @@ class PayloadTooLarge(ProxyError):
 
     status = 413
     error = "payload_too_large"
+    close_connection = True
+
+
+class URITooLong(ProxyError):
+    """Raised when the request target (path and query, as sent) is longer than the proxy's limit."""
+
+    status = 414
+    error = "uri_too_long"
     close_connection = True
 
 
@@ -150,3 +174,4 @@ class PluginUnavailable(ProxyError):
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        self.headers = ((b"retry-after", b"%d" % retry_after),)

@@ -23,7 +23,9 @@ The proxy's own headers are appended afterwards (``ProxyMiddleware.proxy_lines``
 so no ``Connection`` token can remove them. Response headers go through
 ``filter_response``: hop-by-hop and framing headers, and any internal token,
 are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
-pointing at the upstream is mapped back to the client-visible path.
+pointing at the upstream is mapped back to the client-visible path, only when the
+result is a plain path on the client's host (a rewrite never changes the host).
+``drop_fields_containing`` removes fields that carry the request's internal token.
 """
 
 import os
@@ -89,6 +91,10 @@ _PLAIN_NAME_TABLE = _keep_only(_PLAIN_NAME_BYTES)
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9110 §7.2: Host is uri-host [ ":" port ]; nothing that could smuggle a path or user info.
 _HOST_VALUE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+# A rewritten Location must be a path on this host whatever reads it: '/' then neither '/' nor '\\'
+# (browsers read both "//evil" and "/\\evil" as another host) and only printable ASCII after it (they
+# drop tabs and newlines anywhere in a URL and strip leading spaces and controls, so "/\t/evil" is "//evil").
+_PLAIN_PATH = re.compile(rb"/(?:[!-.0-\[\]-~][!-~]*)?")
 _ABSOLUTE_URL = re.compile(rb"(?i)(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?(?=[/?#]|$)")
 
 
@@ -373,4 +379,22 @@ def rewrite_location(value: bytes, *, route: Route, client_prefix: str) -> bytes
         path = path[len(base) :]
         if not path.startswith(b"/"):
             path = b"/" + path
-    return client_prefix.encode("latin-1") + path
+    rewritten = client_prefix.encode("latin-1") + path
+    # A rewrite never changes the host: a result a browser could read as another host (or that
+    # needs a browser's clean-up to be read at all) leaves the plugin's own value in place, which
+    # at worst names the plugin's origin.
+    return rewritten if _PLAIN_PATH.fullmatch(rewritten) else value
+
+
+def drop_fields_containing(
+    raw: list[tuple[bytes, bytes]], secret: bytes
+) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """``raw`` without the fields whose value contains ``secret``, and the names of those dropped."""
+    kept: list[tuple[bytes, bytes]] = []
+    dropped: list[bytes] = []
+    for name, value in raw:
+        if secret in value or secret in name:
+            dropped.append(name)
+        else:
+            kept.append((name, value))
+    return kept, dropped

@@ -3,8 +3,12 @@
 The table is copy-on-write: every change builds a new dict and swaps it in with
 one assignment, so a lookup always sees one consistent table and a request that
 already holds its ``Route`` keeps it until it finishes, whatever changes meanwhile.
-Lookup walks the path's segment boundaries from the longest candidate down, one
-dict probe each, so it costs O(depth of the path), not O(number of routes).
+Lookup probes the path's segment boundaries from the longest candidate down, one
+dict probe each, but only the boundaries a configured prefix could end at: at most
+as many segments as the deepest prefix has, and never a slice longer than the
+longest prefix. Its cost is one scan of the path's first segments plus a few
+short probes, whatever the path's length and depth and however many routes there
+are (a path of 28,000 segments used to cost 28,000 slices and hashes).
 """
 
 import ipaddress
@@ -17,6 +21,8 @@ from typing import Any
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 300.0
+# uvicorn's --ws-max-size default: the largest WebSocket message relayed in either direction.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # One path segment of a prefix: RFC 3986 pchar without percent-encoding.
 _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
@@ -158,6 +164,8 @@ class Route:
     ``plugin`` defaults to the prefix without its leading ``/`` and is the ``sub``
     of the internal token. Timeouts are in seconds; ``read_timeout`` is the longest
     the plugin may stay silent (before its response head or between body chunks).
+    ``max_message_bytes`` is the largest WebSocket message relayed either way; a
+    larger one closes both sides with 1009 (RFC 6455 §7.4.1, "message too big").
     """
 
     prefix: str
@@ -167,6 +175,7 @@ class Route:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_body_bytes: int | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     upstream: Upstream = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +196,9 @@ class Route:
         limit = self.max_body_bytes
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"max_body_bytes must be a non-negative integer or None, got {limit!r}")
+        size = self.max_message_bytes
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"max_message_bytes must be a positive integer, got {size!r}")
 
 
 RouteSource = Mapping[str, str] | Iterable[Route]
@@ -220,10 +232,19 @@ class RouteTable:
     """
 
     def __init__(self, routes: RouteSource = ()) -> None:
-        self._routes: dict[str, Route] = _build(routes)
+        self._routes: dict[str, Route] = {}
+        self._lookup: tuple[dict[str, Route], int, int] = ({}, 0, 0)
         # Writers copy, change and swap under this lock (a platform may change routes from worker
         # threads); readers never take it: they see the old dict or the new one.
         self._writing = threading.Lock()
+        self._swap(_build(routes))
+
+    def _swap(self, routes: dict[str, Route]) -> None:
+        """Make ``routes`` the table. ``match`` reads one tuple, so it never pairs a dict with another's bounds."""
+        depth = max((route.prefix.count("/") for route in routes.values()), default=0)
+        longest = max((len(prefix) for prefix in routes), default=0)
+        self._routes = routes
+        self._lookup = (routes, depth, longest)
 
     def set(self, prefix: str, url: str, **options: Any) -> Route:
         """Add or replace the route for ``prefix``; return it."""
@@ -238,25 +259,34 @@ class RouteTable:
         with self._writing:
             routes = dict(self._routes)
             routes[route.prefix] = route
-            self._routes = routes
+            self._swap(routes)
 
     def remove(self, prefix: str) -> None:
         """Remove the route for ``prefix``; raise ``KeyError`` if there is none."""
         with self._writing:
             routes = dict(self._routes)
             del routes[prefix]
-            self._routes = routes
+            self._swap(routes)
 
     def replace(self, routes: "RouteSource | RouteTable") -> None:
         """Swap in a whole new set of routes at once."""
         new = dict(routes._routes) if isinstance(routes, RouteTable) else _build(routes)
         with self._writing:
-            self._routes = new
+            self._swap(new)
 
     def match(self, path: str) -> Route | None:
         """Return the route with the longest prefix matching ``path`` at a segment boundary."""
-        routes = self._routes
-        end = len(path)
+        routes, depth, longest = self._lookup
+        # The end of the path's first `depth` segments: no prefix has more. (find is memchr:
+        # one pass over those segments, never over the rest of the path.)
+        end = 0
+        for _ in range(depth):
+            end = path.find("/", end + 1)
+            if end < 0:
+                end = len(path)
+                break
+        if end > longest:  # no prefix is that long: start at the last boundary one could end at
+            end = path.rfind("/", 0, longest + 1)
         while end > 0:
             route = routes.get(path[:end])
             if route is not None:
