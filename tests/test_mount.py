@@ -220,3 +220,39 @@ def test_plugin_lifespans_run_with_the_platform() -> None:
         assert httpx.get(f"{running.url}/api/plain/x").status_code == 204
         assert httpx.get(f"{running.url}/api/health").status_code == 200
     assert events == ["startup", "shutdown"]
+
+
+def test_a_plugin_lifespan_state_reaches_its_requests() -> None:
+    """A shared plugin whose lifespan yields state (Starlette's lifespan-state pattern) starts, and its
+    requests see that state and not the platform's, as they do under the plugin host in isolated mode."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def plugin_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"owner": "plugin"}
+
+    plugin = FastAPI(lifespan=plugin_lifespan)
+
+    @plugin.get("/api/stateful/x")
+    async def stateful(request: Request) -> dict[str, str]:
+        return {"owner": request.state.owner}
+
+    @asynccontextmanager
+    async def platform_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"owner": "platform"}
+
+    platform = FastAPI(lifespan=platform_lifespan)
+
+    @platform.get("/api/whose")
+    async def whose(request: Request) -> dict[str, str]:
+        return {"owner": request.state.owner}
+
+    app = SharedPluginsMiddleware(
+        platform, plugins=[SharedPlugin("stateful", plugin)], register_client=False, mount_path="/api"
+    )
+    with serve(app, lifespan="on") as running:
+        response = httpx.get(f"{running.url}/api/stateful/x")
+        assert response.status_code == 200, response.text
+        assert response.json() == {"owner": "plugin"}
+        assert httpx.get(f"{running.url}/api/whose").json() == {"owner": "platform"}

@@ -26,7 +26,8 @@ started streaming, the connection is aborted instead (a truncated body must not
 look complete), as the proxy does.
 
 Plugin lifespans run with the platform's (startup, shutdown), as the plugin host runs them
-in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``.
+in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``. Each
+plugin has its own lifespan ``state``, and its requests see a copy of it, not the platform's.
 
 The middleware also registers the platform with ``mint_plugin.client`` so shared
 plugins call ``/api/internal`` in-process.
@@ -90,12 +91,16 @@ class SharedPluginsMiddleware:
                 raise ValueError(f"two shared plugins have the prefix {plugin.prefix!r}")
             self._plugins[plugin.prefix] = plugin
         self._failed: set[str] = set()
+        # Each plugin's lifespan state, as a server keeps one per app: its requests get a copy.
+        self._states: dict[str, dict[str, Any]] = {plugin.slug: {} for plugin in self._plugins.values()}
         if register_client:
             serve_in_process(self)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
-        sessions = [PluginLifespan(plugin.slug, plugin.app) for plugin in self._plugins.values()]
+        sessions = [
+            PluginLifespan(plugin.slug, plugin.app, self._states[plugin.slug]) for plugin in self._plugins.values()
+        ]
 
         async def receive_with_plugins() -> Message:
             message = await receive()
@@ -151,7 +156,7 @@ class SharedPluginsMiddleware:
         headers.append((REQUEST_ID_HEADER, request_id))
         if token is not None:
             headers.append((INTERNAL_TOKEN_HEADER, token.encode("ascii")))
-        inner = dict(scope, headers=headers)
+        inner = dict(scope, headers=headers, state=self._states[plugin.slug].copy())
         if plugin.strip_prefix:
             inner["root_path"] = scope.get("root_path", "") + self.mount_path + plugin.prefix
         reset = current_request.set(RequestContext(request_id.decode("ascii"), token))
