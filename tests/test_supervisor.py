@@ -399,3 +399,34 @@ async def test_reconcile_restarts_only_what_changed(runtime_dir: str) -> None:
         await supervisor.stop_plugin("keep")
         stopped = await supervisor.update(app_spec("keep", env={"VERSION": "2"}))
         assert stopped.state is PluginState.STOPPED  # a plugin stopped by hand stays stopped
+
+
+async def test_stop_while_start_is_preparing_leaves_no_plugin_running(runtime_dir: str) -> None:
+    """stop() called while start() is still preparing the runtime dir wins: once both return, no
+    plugin process runs and the supervisor counts as stopped (a shutdown during startup)."""
+    supervisor = PluginSupervisor([app_spec("early")], runtime_dir=runtime_dir)
+    try:
+        starting = asyncio.create_task(supervisor.start())
+        await asyncio.sleep(0)  # start() now sweeps the runtime dir in a thread
+        await supervisor.stop()
+        async with asyncio.timeout(DEADLINE):
+            statuses = await starting
+        assert statuses["early"].state is PluginState.STOPPED and statuses["early"].pid is None
+        assert not supervisor.started
+    finally:
+        await supervisor.stop()
+
+
+async def test_remove_while_the_plugin_is_starting_stops_it(runtime_dir: str) -> None:
+    """remove() of a plugin whose add() is still waiting for READY stops its process group and forgets it."""
+    changes = Changes()
+    async with supervising([], runtime_dir, on_change=changes) as supervisor:
+        adding = asyncio.create_task(supervisor.add(app_spec("slowpoke", "never_ready")))
+        starting = await changes.wait_for("slowpoke", PluginState.STARTING)
+        assert starting.pid is not None
+        await supervisor.remove("slowpoke")
+        async with asyncio.timeout(DEADLINE):
+            await adding
+        assert "slowpoke" not in supervisor.status()
+        assert wait_all_exited({starting.pid}, DEADLINE) == set()
+        assert group_members(starting.pid) == set()

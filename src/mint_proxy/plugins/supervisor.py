@@ -65,6 +65,7 @@ class PluginSupervisor:
         self._context: RunnerContext | None = None
         self._lifeline_write = -1
         self._started = 0.0
+        self._stops = 0  # stop() calls so far: a start() that was stopped while preparing starts nothing
 
     @property
     def started(self) -> bool:
@@ -94,8 +95,11 @@ class PluginSupervisor:
     async def start(self) -> dict[str, PluginStatus]:
         """Prepare the runtime dir, sweep leftovers, start every plugin; return once each settled."""
         if self._context is None:
+            stops = self._stops
             directory = runtime.ensure_runtime_dir(self.runtime_dir)
             await asyncio.to_thread(runtime.sweep, directory)
+            if self._stops != stops:  # stop() was called meanwhile: it wins
+                return self.status()
             read, self._lifeline_write = os.pipe()  # both ends close-on-exec; children get `read` by pass_fds
             self._started = time.time()
             self._context = RunnerContext(
@@ -113,6 +117,7 @@ class PluginSupervisor:
 
     async def stop(self) -> None:
         """Stop every plugin (concurrently) and release the lifeline; the supervisor can start again."""
+        self._stops += 1
         await asyncio.gather(*(runner.stop() for runner in self._runners.values()))
         for runner in self._runners.values():
             runner.close()
