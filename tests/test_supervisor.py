@@ -430,3 +430,24 @@ async def test_remove_while_the_plugin_is_starting_stops_it(runtime_dir: str) ->
         assert "slowpoke" not in supervisor.status()
         assert wait_all_exited({starting.pid}, DEADLINE) == set()
         assert group_members(starting.pid) == set()
+
+
+async def test_a_process_record_that_cannot_be_written_leaves_no_process_behind(runtime_dir: str) -> None:
+    """When the supervisor cannot write a plugin's process record, the process it just spawned is
+    stopped with it: never a plugin running unwatched, its pipes unread, while status says FATAL."""
+    os.makedirs(os.path.join(runtime_dir, "hello.pid"), mode=0o700)  # the record cannot replace a directory
+    os.chmod(runtime_dir, 0o700)
+    async with supervising([app_spec("hello")], runtime_dir) as supervisor:
+        status = supervisor.status()["hello"]
+        assert status.state is PluginState.FATAL
+        pids = {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _runs_host_for(pid, runtime_dir)}
+        assert wait_all_exited(pids, DEADLINE) == set()  # gone while the supervisor still runs
+        assert status.pid is None
+
+
+def _runs_host_for(pid: int, runtime_dir: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return f"{runtime_dir}/hello.sock".encode() in file.read()
+    except OSError:
+        return False

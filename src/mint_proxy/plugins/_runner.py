@@ -205,14 +205,6 @@ class PluginRunner:
             return None
         pid = process.pid
         self.pid = pid
-        start_time = runtime.process_start_time(pid)
-        if start_time is not None:
-            runtime.write_record(
-                context.runtime_dir,
-                runtime.ProcessRecord(
-                    spec.slug, pid, start_time, runtime.boot_id(), os.getpid(), context.supervisor_start_time
-                ),
-            )
         assert process.stdout is not None and process.stderr is not None
         drains: list[asyncio.Task[object]] = [
             asyncio.create_task(drain(process.stdout, self.sink, stream="stdout", pid=pid)),
@@ -223,6 +215,14 @@ class PluginRunner:
         self._set(PluginState.STARTING)
         ready_at: float | None = None
         try:
+            start_time = runtime.process_start_time(pid)
+            if start_time is not None:  # failing to write it stops the group (finally), never leaks it
+                runtime.write_record(
+                    context.runtime_dir,
+                    runtime.ProcessRecord(
+                        spec.slug, pid, start_time, runtime.boot_id(), os.getpid(), context.supervisor_start_time
+                    ),
+                )
             outcome = await self._await_ready(started, exited, stopping)
             if outcome == "ready":
                 ready_at = time.monotonic()
