@@ -30,7 +30,8 @@ in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable`
 plugin has its own lifespan ``state``, and its requests see a copy of it, not the platform's.
 
 The middleware also registers the platform with ``mint_plugin.client`` so shared
-plugins call ``/api/internal`` in-process.
+plugins call ``/api/internal`` in-process; those calls carry the platform's lifespan
+state, as calls over HTTP do.
 """
 
 import logging
@@ -93,11 +94,13 @@ class SharedPluginsMiddleware:
         self._failed: set[str] = set()
         # Each plugin's lifespan state, as a server keeps one per app: its requests get a copy.
         self._states: dict[str, dict[str, Any]] = {plugin.slug: {} for plugin in self._plugins.values()}
+        self._platform_state: dict[str, Any] | None = None  # the server's lifespan state, once it starts
         if register_client:
-            serve_in_process(self)
+            serve_in_process(self._serve_in_process)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
+        self._platform_state = scope.get("state")
         sessions = [
             PluginLifespan(plugin.slug, plugin.app, self._states[plugin.slug]) for plugin in self._plugins.values()
         ]
@@ -115,6 +118,13 @@ class SharedPluginsMiddleware:
             return message
 
         await self.app(scope, receive_with_plugins, send)
+
+    async def _serve_in_process(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What ``mint_plugin.client`` calls in-process: this app, with a copy of the platform's
+        lifespan state in each request as the server gives it to requests over HTTP."""
+        if self._platform_state is not None and "state" not in scope:
+            scope = {**scope, "state": self._platform_state.copy()}
+        await self(scope, receive, send)
 
     def match(self, path: str) -> SharedPlugin | None:
         """The plugin whose prefix matches ``path`` at a segment boundary, longest first."""
