@@ -445,9 +445,32 @@ async def test_a_process_record_that_cannot_be_written_leaves_no_process_behind(
         assert status.pid is None
 
 
-def _runs_host_for(pid: int, runtime_dir: str) -> bool:
+def _runs_host_for(pid: int, runtime_dir: str, slug: str = "hello") -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return f"{runtime_dir}/hello.sock".encode() in file.read()
+            return f"{runtime_dir}/{slug}.sock".encode() in file.read()
     except OSError:
         return False
+
+
+async def test_a_restart_racing_an_update_leaves_no_untracked_process(runtime_dir: str) -> None:
+    """restart_plugin and update (a config reload) on one plugin at once: afterwards exactly one
+    process runs, the one status() reports, and stop() leaves none (no runner lost track of its own)."""
+    import dataclasses
+
+    async with supervising([app_spec("racy")], runtime_dir) as supervisor:
+        changed = dataclasses.replace(app_spec("racy"), env={"CHANGED": "1"})
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(supervisor.restart_plugin("racy"), supervisor.update(changed))
+        status = supervisor.status()["racy"]
+        assert status.state is PluginState.READY and status.pid is not None
+        hosts = {
+            pid
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _runs_host_for(pid, runtime_dir, "racy")
+        }
+        assert wait_all_exited(hosts - {status.pid}, 2.0) == set()
+    hosts = {
+        pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _runs_host_for(pid, runtime_dir, "racy")
+    }
+    assert wait_all_exited(hosts, DEADLINE) == set()

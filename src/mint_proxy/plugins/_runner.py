@@ -94,6 +94,11 @@ class PluginRunner:
             log_tail=tuple(self.sink.tail),
         )
 
+    @property
+    def running(self) -> bool:
+        """True while the runner task runs (STARTING, READY, BACKOFF or STOPPING)."""
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         """Start the runner unless it runs; return once the first attempt is READY or has failed."""
         if self._task is None or self._task.done():

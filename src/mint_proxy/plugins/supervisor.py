@@ -167,10 +167,10 @@ class PluginSupervisor:
             return self.status()[spec.slug]
         runner = self._runners.get(spec.slug)
         was_running = runner is not None and runner.state is not PluginState.STOPPED  # FATAL too: retry
-        await self.stop_plugin(spec.slug)
-        if runner is not None:
-            del self._runners[spec.slug]
-            runner.close()
+        await self._stop_for_good(spec.slug)
+        stale = self._runners.pop(spec.slug, None)
+        if stale is not None:
+            stale.close()
         self._specs[spec.slug] = spec
         if self._context is not None and was_running:
             return await self.start_plugin(spec.slug)
@@ -188,16 +188,23 @@ class PluginSupervisor:
 
     async def remove(self, slug: str) -> None:
         """Stop a plugin and forget it."""
-        await self.stop_plugin(slug)
+        await self._stop_for_good(slug)
         runner = self._runners.pop(slug, None)
         if runner is not None:
             runner.close()
-        del self._specs[slug]
+        self._specs.pop(slug, None)  # (a concurrent remove may have dropped it)
         self._last.pop(slug, None)
         if self._context is not None:
             self._write_state()
 
     # --- internals ------------------------------------------------------------------------------
+
+    async def _stop_for_good(self, slug: str) -> None:
+        """Stop the plugin before its runner is dropped, again if a concurrent start or restart,
+        resumed by the same stop, launched it meanwhile: a dropped runner must never run."""
+        await self.stop_plugin(slug)
+        while (runner := self._runners.get(slug)) is not None and runner.running:
+            await runner.stop()
 
     def _check_new(self, spec: PluginSpec) -> None:
         if not isinstance(spec, PluginSpec):
