@@ -53,7 +53,7 @@ async def _start_normally() -> str | None:
 
 
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:
-    """GET / -> 'hi'; /healthz -> 200 only once $HEALTH_FILE exists; /env, /bigout, /exit0, /whoami."""
+    """GET / -> 'hi'; /healthz -> 200 only once $HEALTH_FILE exists; /env, /bigout, /exit0, /raise, /whoami."""
     if scope["type"] == "lifespan":
         await _lifespan(receive, send, _start_normally)
         return
@@ -73,6 +73,8 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, b"written")
     elif path == "/exit0":
         os._exit(0)
+    elif path == "/raise":
+        raise RuntimeError("raised-in-route")
     elif path == "/whoami":
         context = current_request.get()
         await _respond(send, 200, (context.request_id if context else "").encode())

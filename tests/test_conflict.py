@@ -342,6 +342,16 @@ def test_broken_wheel_metadata(tmp_path: Path, platform_venv: PlatformVenv, whee
         _plan(platform_venv, wheelhouse, wheel)
 
 
+def test_a_marker_that_cannot_be_evaluated_is_broken_metadata(
+    tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wheelhouse
+) -> None:
+    """A requirement whose marker parses but cannot be evaluated (``~=`` needs two release parts)
+    is an error naming the plugin and the requirement, not a traceback from packaging."""
+    wheel = _plugin(wheelhouse, "bad-marker", 'fakenum; python_version ~= "3"')
+    with pytest.raises(WheelError, match=r'^bad-marker: .*fakenum; python_version ~= "3".* cannot be evaluated'):
+        _plan(platform_venv, wheelhouse, wheel)
+
+
 def test_not_a_wheel(tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wheelhouse) -> None:
     """A file that is not a zip archive is refused by name."""
     path = tmp_path / "fake-1.0-py3-none-any.whl"

@@ -193,6 +193,25 @@ def test_a_hand_written_table_for_the_prefix_is_not_overwritten(
         )  # fmt: skip
 
 
+def test_a_spec_file_the_block_cannot_join_is_an_error_and_left_unchanged(
+    tmp_path: Path, platform_venv: PlatformVenv, wheelhouse: Wheelhouse, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Routes written as an inline table (``proxy = {...}``) cannot take a ``[proxy."/slug"]`` block:
+    the install says so in one line naming the file, writes nothing, and shows no traceback."""
+    config = tmp_path / "plugins.toml"
+    config.write_text('proxy = { "/legacy" = "http://127.0.0.1:8004" }\n')
+    before = config.read_text()
+    wheel = str(_plugin(tmp_path / "w", "inline", "fakenum>=2"))
+    status = main(
+        ["install", wheel, "--config", str(config), "--python", str(platform_venv.python),
+         "--find-links", str(wheelhouse.path), "--home", str(home)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("mint-proxy: error: ") and str(config) in err and "Traceback" not in err
+    assert config.read_text() == before
+
+
 # --- the CLI ----------------------------------------------------------------------------------
 
 

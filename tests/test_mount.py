@@ -220,3 +220,77 @@ def test_plugin_lifespans_run_with_the_platform() -> None:
         assert httpx.get(f"{running.url}/api/plain/x").status_code == 204
         assert httpx.get(f"{running.url}/api/health").status_code == 200
     assert events == ["startup", "shutdown"]
+
+
+def test_a_plugin_lifespan_state_reaches_its_requests() -> None:
+    """A shared plugin whose lifespan yields state (Starlette's lifespan-state pattern) starts, and its
+    requests see that state and not the platform's, as they do under the plugin host in isolated mode."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def plugin_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"owner": "plugin"}
+
+    plugin = FastAPI(lifespan=plugin_lifespan)
+
+    @plugin.get("/api/stateful/x")
+    async def stateful(request: Request) -> dict[str, str]:
+        return {"owner": request.state.owner}
+
+    @asynccontextmanager
+    async def platform_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"owner": "platform"}
+
+    platform = FastAPI(lifespan=platform_lifespan)
+
+    @platform.get("/api/whose")
+    async def whose(request: Request) -> dict[str, str]:
+        return {"owner": request.state.owner}
+
+    app = SharedPluginsMiddleware(
+        platform, plugins=[SharedPlugin("stateful", plugin)], register_client=False, mount_path="/api"
+    )
+    with serve(app, lifespan="on") as running:
+        response = httpx.get(f"{running.url}/api/stateful/x")
+        assert response.status_code == 200, response.text
+        assert response.json() == {"owner": "plugin"}
+        assert httpx.get(f"{running.url}/api/whose").json() == {"owner": "platform"}
+
+
+def test_in_process_calls_to_the_platform_see_its_lifespan_state() -> None:
+    """A shared plugin's PlatformClient call reaches a platform route that reads its lifespan state
+    (a database pool, say), as the same call over HTTP does in isolated mode."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    import mint_plugin.client
+    from mint_plugin.client import PlatformClient
+
+    @asynccontextmanager
+    async def platform_lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"pool": "platform-pool"}
+
+    platform = FastAPI(lifespan=platform_lifespan)
+
+    @platform.get("/api/internal/pool")
+    async def pool(request: Request) -> dict[str, str]:
+        return {"pool": request.state.pool}
+
+    async def caller(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        async with PlatformClient() as client:
+            answer = await client.get("pool")
+        await send({"type": "http.response.start", "status": answer.status_code, "headers": []})
+        await send({"type": "http.response.body", "body": answer.content})
+
+    app = SharedPluginsMiddleware(
+        platform, plugins=[SharedPlugin("caller", caller)], tokens=TokenIssuer(SECRET), mount_path="/api"
+    )
+    try:
+        with serve(app, lifespan="on") as running:
+            response = httpx.get(f"{running.url}/api/caller/x")
+    finally:
+        mint_plugin.client.serve_in_process(None)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"pool": "platform-pool"}

@@ -189,3 +189,20 @@ async def test_plugin_killed_under_load_loses_no_request() -> None:
     assert all(status in (200, 502, 503) for _, status, _ in results)
     assert all(answer == rid for rid, _, answer in results)  # none mixed up, errors carry their own id
     assert sum(status != 200 for _, status, _ in results) <= 20  # at most those in flight at the kill
+
+
+@pytest.mark.anyio
+async def test_an_exception_in_a_route_is_logged_with_the_request_id() -> None:
+    """The server's report of a route's exception (the traceback and the 500 access line) carries the
+    request's id like the route's own lines: the one line most worth finding by the id."""
+    with short_tempdir() as runtime_dir, Lines("hello") as lines:
+        async with supervising([app_spec("hello")], runtime_dir) as supervisor:
+            transport = httpx.AsyncHTTPTransport(uds=supervisor.status()["hello"].endpoint.removeprefix("unix:"))
+            async with httpx.AsyncClient(transport=transport, base_url="http://plugin", timeout=DEADLINE) as client:
+                response = await client.get("/raise", headers={"X-Request-Id": "crash-77"})
+            assert response.status_code == 500
+            await lines.wait_for(lambda line: '"GET /raise HTTP/1.1" 500' in line)
+            assert any("Exception in ASGI application" in line for line in lines.lines)
+            for line in lines.lines:
+                if "Exception in ASGI application" in line or '"GET /raise HTTP/1.1" 500' in line:
+                    assert "[req=crash-77]" in line, line

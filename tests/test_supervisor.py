@@ -399,3 +399,78 @@ async def test_reconcile_restarts_only_what_changed(runtime_dir: str) -> None:
         await supervisor.stop_plugin("keep")
         stopped = await supervisor.update(app_spec("keep", env={"VERSION": "2"}))
         assert stopped.state is PluginState.STOPPED  # a plugin stopped by hand stays stopped
+
+
+async def test_stop_while_start_is_preparing_leaves_no_plugin_running(runtime_dir: str) -> None:
+    """stop() called while start() is still preparing the runtime dir wins: once both return, no
+    plugin process runs and the supervisor counts as stopped (a shutdown during startup)."""
+    supervisor = PluginSupervisor([app_spec("early")], runtime_dir=runtime_dir)
+    try:
+        starting = asyncio.create_task(supervisor.start())
+        await asyncio.sleep(0)  # start() now sweeps the runtime dir in a thread
+        await supervisor.stop()
+        async with asyncio.timeout(DEADLINE):
+            statuses = await starting
+        assert statuses["early"].state is PluginState.STOPPED and statuses["early"].pid is None
+        assert not supervisor.started
+    finally:
+        await supervisor.stop()
+
+
+async def test_remove_while_the_plugin_is_starting_stops_it(runtime_dir: str) -> None:
+    """remove() of a plugin whose add() is still waiting for READY stops its process group and forgets it."""
+    changes = Changes()
+    async with supervising([], runtime_dir, on_change=changes) as supervisor:
+        adding = asyncio.create_task(supervisor.add(app_spec("slowpoke", "never_ready")))
+        starting = await changes.wait_for("slowpoke", PluginState.STARTING)
+        assert starting.pid is not None
+        await supervisor.remove("slowpoke")
+        async with asyncio.timeout(DEADLINE):
+            await adding
+        assert "slowpoke" not in supervisor.status()
+        assert wait_all_exited({starting.pid}, DEADLINE) == set()
+        assert group_members(starting.pid) == set()
+
+
+async def test_a_process_record_that_cannot_be_written_leaves_no_process_behind(runtime_dir: str) -> None:
+    """When the supervisor cannot write a plugin's process record, the process it just spawned is
+    stopped with it: never a plugin running unwatched, its pipes unread, while status says FATAL."""
+    os.makedirs(os.path.join(runtime_dir, "hello.pid"), mode=0o700)  # the record cannot replace a directory
+    os.chmod(runtime_dir, 0o700)
+    async with supervising([app_spec("hello")], runtime_dir) as supervisor:
+        status = supervisor.status()["hello"]
+        assert status.state is PluginState.FATAL
+        pids = {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _runs_host_for(pid, runtime_dir)}
+        assert wait_all_exited(pids, DEADLINE) == set()  # gone while the supervisor still runs
+        assert status.pid is None
+
+
+def _runs_host_for(pid: int, runtime_dir: str, slug: str = "hello") -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return f"{runtime_dir}/{slug}.sock".encode() in file.read()
+    except OSError:
+        return False
+
+
+async def test_a_restart_racing_an_update_leaves_no_untracked_process(runtime_dir: str) -> None:
+    """restart_plugin and update (a config reload) on one plugin at once: afterwards exactly one
+    process runs, the one status() reports, and stop() leaves none (no runner lost track of its own)."""
+    import dataclasses
+
+    async with supervising([app_spec("racy")], runtime_dir) as supervisor:
+        changed = dataclasses.replace(app_spec("racy"), env={"CHANGED": "1"})
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(supervisor.restart_plugin("racy"), supervisor.update(changed))
+        status = supervisor.status()["racy"]
+        assert status.state is PluginState.READY and status.pid is not None
+        hosts = {
+            pid
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _runs_host_for(pid, runtime_dir, "racy")
+        }
+        assert wait_all_exited(hosts - {status.pid}, 2.0) == set()
+    hosts = {
+        pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _runs_host_for(pid, runtime_dir, "racy")
+    }
+    assert wait_all_exited(hosts, DEADLINE) == set()

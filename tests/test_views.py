@@ -116,6 +116,22 @@ async def test_live_supervisor_and_state_file_agree(runtime_dir: str) -> None:
     assert state is not None and state.stopped is not None and not supervisor_running(state)
 
 
+async def test_a_stopped_live_supervisor_is_not_running(runtime_dir: str) -> None:
+    """The live view says running only between start() and stop(), as the state.json view does."""
+    async with supervising([app_spec("hello")], runtime_dir) as supervisor:
+        async with _client(PluginStatusApp(supervisor=supervisor)) as live:
+            assert (await live.get("/")).json()["supervisor"]["running"] is True
+    async with (
+        _client(PluginStatusApp(supervisor=supervisor)) as live,
+        _client(PluginStatusApp(runtime_dir=runtime_dir)) as shared,
+    ):
+        from_live = (await live.get("/")).json()
+        from_file = (await shared.get("/")).json()
+    assert from_file["supervisor"]["running"] is False
+    assert from_live["supervisor"]["running"] is False
+    assert from_live["plugins"]["hello"]["state"] == "STOPPED"
+
+
 def test_supervisor_running_is_safe_against_pid_reuse() -> None:
     """A live pid that started after the supervisor said it did is some other process."""
     assert supervisor_running(SupervisorState(os.getpid(), time.time(), {}))

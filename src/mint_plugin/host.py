@@ -72,7 +72,7 @@ def install_request_log_context() -> None:
 
 
 def with_request_context(app: ASGIApp) -> ASGIApp:
-    """Wrap ``app`` so ``current_request`` is set while it handles each HTTP/WebSocket request."""
+    """Wrap ``app`` so ``current_request`` is set for each HTTP/WebSocket request's task."""
 
     async def app_with_request_context(
         scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
@@ -80,11 +80,11 @@ def with_request_context(app: ASGIApp) -> ASGIApp:
         if scope["type"] not in ("http", "websocket"):
             await app(scope, receive, send)
             return
-        token = current_request.set(RequestContext.from_headers(scope.get("headers", ())))
-        try:
-            await app(scope, receive, send)
-        finally:
-            current_request.reset(token)
+        # Not reset afterwards: uvicorn runs each request in a task of its own, whose context ends
+        # with it, and its report of the app's exception (traceback, 500 access line) is written
+        # after the app returns: that line must carry the request id too.
+        current_request.set(RequestContext.from_headers(scope.get("headers", ())))
+        await app(scope, receive, send)
 
     return app_with_request_context
 

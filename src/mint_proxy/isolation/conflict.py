@@ -20,13 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ._uv import Uv, uv_message
-from .errors import UnsatisfiableRequirement
+from .errors import UnsatisfiableRequirement, WheelError
 from .platform import InstalledDist, PlatformEnv
 from .wheels import PluginWheel
 
@@ -58,7 +59,14 @@ def stage1(wheel: PluginWheel, platform: PlatformEnv) -> CheckResult:
     """
     combined: dict[NormalizedName, list[Requirement]] = {}
     for requirement in wheel.requires:
-        if applies(requirement, platform.markers, wheel.extras):
+        try:
+            applied = applies(requirement, platform.markers, wheel.extras)
+        except (UndefinedComparison, UndefinedEnvironmentName) as exc:
+            raise WheelError(
+                wheel.slug,
+                f"{wheel.path.name} has broken metadata: the marker of {requirement} cannot be evaluated: {exc}",
+            ) from None
+        if applied:
             combined.setdefault(canonicalize_name(requirement.name), []).append(requirement)
     clashes: list[str] = []
     for name, requirements in sorted(combined.items()):

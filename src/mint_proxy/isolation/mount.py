@@ -26,10 +26,12 @@ started streaming, the connection is aborted instead (a truncated body must not
 look complete), as the proxy does.
 
 Plugin lifespans run with the platform's (startup, shutdown), as the plugin host runs them
-in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``.
+in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``. Each
+plugin has its own lifespan ``state``, and its requests see a copy of it, not the platform's.
 
 The middleware also registers the platform with ``mint_plugin.client`` so shared
-plugins call ``/api/internal`` in-process.
+plugins call ``/api/internal`` in-process; those calls carry the platform's lifespan
+state, as calls over HTTP do.
 """
 
 import logging
@@ -90,12 +92,18 @@ class SharedPluginsMiddleware:
                 raise ValueError(f"two shared plugins have the prefix {plugin.prefix!r}")
             self._plugins[plugin.prefix] = plugin
         self._failed: set[str] = set()
+        # Each plugin's lifespan state, as a server keeps one per app: its requests get a copy.
+        self._states: dict[str, dict[str, Any]] = {plugin.slug: {} for plugin in self._plugins.values()}
+        self._platform_state: dict[str, Any] | None = None  # the server's lifespan state, once it starts
         if register_client:
-            serve_in_process(self)
+            serve_in_process(self._serve_in_process)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
-        sessions = [PluginLifespan(plugin.slug, plugin.app) for plugin in self._plugins.values()]
+        self._platform_state = scope.get("state")
+        sessions = [
+            PluginLifespan(plugin.slug, plugin.app, self._states[plugin.slug]) for plugin in self._plugins.values()
+        ]
 
         async def receive_with_plugins() -> Message:
             message = await receive()
@@ -110,6 +118,13 @@ class SharedPluginsMiddleware:
             return message
 
         await self.app(scope, receive_with_plugins, send)
+
+    async def _serve_in_process(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What ``mint_plugin.client`` calls in-process: this app, with a copy of the platform's
+        lifespan state in each request as the server gives it to requests over HTTP."""
+        if self._platform_state is not None and "state" not in scope:
+            scope = {**scope, "state": self._platform_state.copy()}
+        await self(scope, receive, send)
 
     def match(self, path: str) -> SharedPlugin | None:
         """The plugin whose prefix matches ``path`` at a segment boundary, longest first."""
@@ -151,7 +166,7 @@ class SharedPluginsMiddleware:
         headers.append((REQUEST_ID_HEADER, request_id))
         if token is not None:
             headers.append((INTERNAL_TOKEN_HEADER, token.encode("ascii")))
-        inner = dict(scope, headers=headers)
+        inner = dict(scope, headers=headers, state=self._states[plugin.slug].copy())
         if plugin.strip_prefix:
             inner["root_path"] = scope.get("root_path", "") + self.mount_path + plugin.prefix
         reset = current_request.set(RequestContext(request_id.decode("ascii"), token))

@@ -105,7 +105,15 @@ def _update(path: Path, entries: list[SpecEntry]) -> None:
                 )
     text = text.rstrip("\n") + "\n" if text.strip() else ""
     text += "".join(("\n" if text else "") + entry.block() for entry in entries) if entries else ""
-    tomllib.loads(text)  # never write a file the parser would refuse
+    try:
+        tomllib.loads(text)  # never write a file the parser would refuse
+    except tomllib.TOMLDecodeError as exc:  # e.g. routes written as an inline table: `proxy = {...}`
+        slugs = ", ".join(entry.slug for entry in entries)
+        raise InstallError(
+            slugs,
+            f"{path}: cannot add its table ({exc}); an inline table such as 'proxy = {{...}}' cannot be "
+            "extended: write it as a [proxy] table. The file is unchanged",
+        ) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -94,6 +94,11 @@ class PluginRunner:
             log_tail=tuple(self.sink.tail),
         )
 
+    @property
+    def running(self) -> bool:
+        """True while the runner task runs (STARTING, READY, BACKOFF or STOPPING)."""
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         """Start the runner unless it runs; return once the first attempt is READY or has failed."""
         if self._task is None or self._task.done():
@@ -207,14 +212,6 @@ class PluginRunner:
             return None
         pid = process.pid
         self.pid = pid
-        start_time = runtime.process_start_time(pid)
-        if start_time is not None:
-            runtime.write_record(
-                context.runtime_dir,
-                runtime.ProcessRecord(
-                    spec.slug, pid, start_time, runtime.boot_id(), os.getpid(), context.supervisor_start_time
-                ),
-            )
         assert process.stdout is not None and process.stderr is not None
         drains: list[asyncio.Task[object]] = [
             asyncio.create_task(drain(process.stdout, self.sink, stream="stdout", pid=pid)),
@@ -225,6 +222,14 @@ class PluginRunner:
         self._set(PluginState.STARTING)
         ready_at: float | None = None
         try:
+            start_time = runtime.process_start_time(pid)
+            if start_time is not None:  # failing to write it stops the group (finally), never leaks it
+                runtime.write_record(
+                    context.runtime_dir,
+                    runtime.ProcessRecord(
+                        spec.slug, pid, start_time, runtime.boot_id(), os.getpid(), context.supervisor_start_time
+                    ),
+                )
             outcome = await self._await_ready(started, exited, stopping)
             if outcome == "ready":
                 ready_at = time.monotonic()

@@ -261,7 +261,8 @@ def write_record(runtime_dir: str, record: ProcessRecord) -> None:
 
 
 def remove_record(runtime_dir: str, slug: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a process record; one that cannot be removed is harmless (the sweep checks start times)."""
+    with contextlib.suppress(OSError):
         os.unlink(os.path.join(runtime_dir, slug + _RECORD_SUFFIX))
 
 

@@ -65,6 +65,7 @@ class PluginSupervisor:
         self._context: RunnerContext | None = None
         self._lifeline_write = -1
         self._started = 0.0
+        self._stops = 0  # stop() calls so far: a start() that was stopped while preparing starts nothing
 
     @property
     def started(self) -> bool:
@@ -94,8 +95,11 @@ class PluginSupervisor:
     async def start(self) -> dict[str, PluginStatus]:
         """Prepare the runtime dir, sweep leftovers, start every plugin; return once each settled."""
         if self._context is None:
+            stops = self._stops
             directory = runtime.ensure_runtime_dir(self.runtime_dir)
             await asyncio.to_thread(runtime.sweep, directory)
+            if self._stops != stops:  # stop() was called meanwhile: it wins
+                return self.status()
             read, self._lifeline_write = os.pipe()  # both ends close-on-exec; children get `read` by pass_fds
             self._started = time.time()
             self._context = RunnerContext(
@@ -113,6 +117,7 @@ class PluginSupervisor:
 
     async def stop(self) -> None:
         """Stop every plugin (concurrently) and release the lifeline; the supervisor can start again."""
+        self._stops += 1
         await asyncio.gather(*(runner.stop() for runner in self._runners.values()))
         for runner in self._runners.values():
             runner.close()
@@ -162,10 +167,10 @@ class PluginSupervisor:
             return self.status()[spec.slug]
         runner = self._runners.get(spec.slug)
         was_running = runner is not None and runner.state is not PluginState.STOPPED  # FATAL too: retry
-        await self.stop_plugin(spec.slug)
-        if runner is not None:
-            del self._runners[spec.slug]
-            runner.close()
+        await self._stop_for_good(spec.slug)
+        stale = self._runners.pop(spec.slug, None)
+        if stale is not None:
+            stale.close()
         self._specs[spec.slug] = spec
         if self._context is not None and was_running:
             return await self.start_plugin(spec.slug)
@@ -183,16 +188,23 @@ class PluginSupervisor:
 
     async def remove(self, slug: str) -> None:
         """Stop a plugin and forget it."""
-        await self.stop_plugin(slug)
+        await self._stop_for_good(slug)
         runner = self._runners.pop(slug, None)
         if runner is not None:
             runner.close()
-        del self._specs[slug]
+        self._specs.pop(slug, None)  # (a concurrent remove may have dropped it)
         self._last.pop(slug, None)
         if self._context is not None:
             self._write_state()
 
     # --- internals ------------------------------------------------------------------------------
+
+    async def _stop_for_good(self, slug: str) -> None:
+        """Stop the plugin before its runner is dropped, again if a concurrent start or restart,
+        resumed by the same stop, launched it meanwhile: a dropped runner must never run."""
+        await self.stop_plugin(slug)
+        while (runner := self._runners.get(slug)) is not None and runner.running:
+            await runner.stop()
 
     def _check_new(self, spec: PluginSpec) -> None:
         if not isinstance(spec, PluginSpec):

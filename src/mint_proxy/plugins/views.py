@@ -60,7 +60,11 @@ class PluginStatusApp:
     def _document(self) -> dict[str, Any]:
         if self._supervisor is not None:
             plugins = self._supervisor.status()
-            supervisor = {"pid": os.getpid(), "started": self._supervisor.started_at, "running": True}
+            supervisor = {
+                "pid": os.getpid(),
+                "started": self._supervisor.started_at,
+                "running": self._supervisor.started,
+            }
         else:
             assert self._runtime_dir is not None
             state = read_state(self._runtime_dir)
