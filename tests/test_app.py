@@ -485,8 +485,8 @@ def test_access_log_is_on_stderr_by_default(reloading: tuple[Uvicorn, Path], plu
     child, _ = reloading
     response = httpx.get(child.url + "/a/x?q=1", headers={"X-Request-Id": "access-log-check"}, timeout=10)
     assert response.status_code == 200
-    line = child.wait_for_stderr(r'access-log-check "GET /a/x" plugin=a status=200 [0-9.]+ms$')
-    assert line.split()[2:4] == ["INFO", "mint_proxy:"]
+    line = child.wait_for_stderr(r'access-log-check "GET /a/x\?q=1" plugin=a status=200 [0-9.]+ms in=0 out=\d+ ')
+    assert line.split()[2:4] == ["INFO", "mint_proxy.access:"]
 
 
 def test_no_access_log_silences_the_access_lines(
@@ -571,4 +571,4 @@ def test_mounted_middleware_prints_nothing_without_platform_logging(tmp_path: Pa
 
 def test_mounted_middleware_logs_through_the_platforms_logging(tmp_path: Path, plugin: PluginServer) -> None:
     err = run_platform(tmp_path, plugin, "configured")
-    assert re.search(r'mint_proxy INFO [0-9a-f]{32} "GET /peak/x" plugin=peak status=200 ', err)
+    assert re.search(r'mint_proxy.access INFO [0-9a-f]{32} "GET /peak/x" plugin=peak status=200 ', err)

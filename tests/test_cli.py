@@ -127,7 +127,7 @@ def test_invalid_port_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
 def test_check_prints_the_route_table_aligned(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(good_config)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f'{good_config}: OK, 2 routes, mount_path "/api", retry_window 0s'
+    assert out[0] == f'{good_config}: OK, 2 routes, mount_path "/api", retry_window 0s, admin_path "/_mint"'
     header, peak, lcms = out[2:]
     assert header.split() == [
         "prefix",
@@ -151,7 +151,12 @@ def test_check_of_a_config_without_routes_prints_the_summary_only(
     path = tmp_path / "empty.toml"
     path.write_text("", encoding="utf-8")
     assert main(["check", str(path)]) == 0
-    assert capsys.readouterr().out == f'{path}: OK, 0 routes, mount_path "", retry_window 2s\n'
+    captured = capsys.readouterr()
+    assert captured.out == f'{path}: OK, 0 routes, mount_path "", retry_window 2s, admin_path "/_mint"\n'
+    assert (
+        captured.err
+        == f"mint-proxy: warning: {path}: no routes: every request will be answered 404; add routes under [proxy]\n"
+    )
 
 
 def test_check_of_a_broken_config_prints_the_message_and_exits_2(
@@ -169,6 +174,31 @@ def test_check_of_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "nope.toml: no such file" in err
     assert "Traceback" not in err
+
+
+def test_check_without_an_argument_reads_the_config_serve_would(
+    good_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(good_config))
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out.startswith(f"{good_config}: OK, 2 routes")
+
+
+def test_check_without_an_argument_defaults_to_config_dev_toml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.dev.toml: no such file (looked in {tmp_path / 'config.dev.toml'}); set {CONFIG_ENV}" in err
+    (tmp_path / "config.dev.toml").write_text('[proxy]\n"/a" = "http://127.0.0.1:9001"\n', encoding="utf-8")
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out.startswith("config.dev.toml: OK, 1 route,")
+
+
+def test_serve_rejects_an_unknown_log_format(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--config", str(good_config), "--log-format", "yaml"]) == 2
+    assert "invalid choice: 'yaml'" in capsys.readouterr().err
 
 
 # --- token ----------------------------------------------------------------------------------------------

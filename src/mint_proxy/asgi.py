@@ -40,9 +40,11 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from ._respond import log_access, send_error
+from ._accesslog import Exchange, access_logger, finish_exchange, refusal
+from ._respond import send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
@@ -62,6 +64,9 @@ from .headers import (
 from .routing import Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
+if TYPE_CHECKING:
+    from .metrics import ProxyMetrics
+
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -71,6 +76,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
 _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
+_CLIENT_LEFT = "client closed the connection"
 # What ASGI servers guarantee, checked again: a middleware in front that rewrote the body without
 # its Content-Length would otherwise make the plugin read the rest as a second request.
 _LENGTH_MISMATCH = "the request body does not match its Content-Length"
@@ -83,6 +89,7 @@ class ProxyMiddleware:
 
     ``routes`` is a ``RouteTable`` (shared and changed at runtime by the platform)
     or a plain ``{prefix: url}`` mapping. With ``app=None`` unmatched paths get 404.
+    ``metrics``: a ``ProxyMetrics`` to count requests in (``mint_proxy.metrics``).
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class ProxyMiddleware:
         client_body_timeout: float = 60.0,
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,
+        metrics: "ProxyMetrics | None" = None,
     ) -> None:
         check_mount_path(mount_path)
         if not retry_window >= 0:
@@ -115,6 +123,9 @@ class ProxyMiddleware:
         self._via_lines = {v: b"via: %s\r\n" % via_value(v, self._via_marker) for v in ("1.0", "1.1", "2")}
         self._plans: dict[str, _Plan] = {}
         self.pool = pool or UpstreamPool()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_pool(self.pool)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -201,10 +212,12 @@ class ProxyMiddleware:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
         request_id = client_request_id(scope["headers"]) or new_request_id()
         if scope["type"] == "http":
-            await send_error(send, error.status, error.error, error.detail, request_id, close=error.close_connection)
-            log_access(request_id, scope, plugin, error.status, 0.0)
+            sent = await send_error(
+                send, error.status, error.error, error.detail, request_id, close=error.close_connection
+            )
+            refusal(self.metrics, scope, plugin, request_id, error, bytes_out=sent)
         else:
-            await deny_websocket(scope, send, error, request_id, 0.0, plugin)
+            await deny_websocket(self, scope, send, error, request_id, 0.0, plugin)
 
     def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
@@ -263,11 +276,21 @@ class ProxyMiddleware:
         status = 0
         conn: Connection | None = None
         released = False
+        # What the access line and the metrics need (``_accesslog.Exchange``), kept in locals.
+        received = sent = 0
+        ttfb: float | None = None
+        error: ProxyError | None = None
+        reason = ""
+        aborted = retried = False
+        trace: bytes | None = None
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request_started(route.plugin)
         try:
             try:
                 http_version: str = scope.get("http_version", "1.1")
                 info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via_marker)
-                request_id = info.request_id
+                request_id, trace = info.request_id, info.trace_id
                 method: str = scope["method"]
                 limit = route.max_body_bytes
                 if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
@@ -276,7 +299,7 @@ class ProxyMiddleware:
                         raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status = CLIENT_CLOSED
+                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     body: bytes = message.get("body", b"")
                     more: bool = message.get("more_body", False)
@@ -320,7 +343,7 @@ class ProxyMiddleware:
                         break  # the plugin answered early: stop sending, relay its answer
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status = CLIENT_CLOSED
+                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     chunk: bytes = message.get("body", b"")
                     last_chunk = not message.get("more_body", False)
@@ -347,6 +370,7 @@ class ProxyMiddleware:
                     if conn.client_gone or not whole or not _may_retry(conn, method):
                         raise
                     conn.abort()
+                    retried = True
                     conn = await self.pool.connect(
                         route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                     )
@@ -357,6 +381,7 @@ class ProxyMiddleware:
                     while conn.head is None:
                         await conn.wait(timeout)
                 head = conn.head
+                ttfb = time.perf_counter() - started
 
                 headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
                 if head.content_length is not None:
@@ -366,12 +391,12 @@ class ProxyMiddleware:
                 if conn is not None:
                     conn.abort()
                     if conn.client_gone:
-                        status = CLIENT_CLOSED
+                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
                         return
-                status = exc.status
+                status, error, reason = exc.status, exc, f"{exc.error}: {exc.detail}"
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
-                await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
+                sent = await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
                 return
 
             # The response has started. From here a failure aborts the client's connection
@@ -388,14 +413,34 @@ class ProxyMiddleware:
                     if not more:
                         self.pool.release(conn)
                         released = True
+                    sent += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
             except ProxyError as exc:
-                logger.warning("aborted response %s: %s", request_id.decode(), exc.detail)
-                status = CLIENT_CLOSED if conn.client_gone else exc.status
+                # One event, one line: the access line says the client got ``status`` and an abort.
+                if conn.client_gone:
+                    reason = _CLIENT_LEFT
+                else:
+                    error, aborted, reason = exc, True, f"aborted: {exc.detail}"
         finally:
             if conn is not None and not released:
                 conn.abort()
-            log_access(request_id, scope, route.plugin, status, started)
+            if metrics is not None or error is not None or access_logger.isEnabledFor(logging.INFO):
+                exchange = Exchange(
+                    scope,
+                    route.plugin,
+                    request_id,
+                    status,
+                    time.perf_counter() - started,
+                    bytes_in=received,
+                    bytes_out=sent,
+                    ttfb=ttfb,
+                    reason=reason,
+                    error=error,
+                    aborted=aborted,
+                    retried=retried,
+                    trace_id=trace,
+                )
+                finish_exchange(metrics, exchange, active=True)
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message; 408 when the client stays silent for ``client_body_timeout``."""
