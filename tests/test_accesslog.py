@@ -317,3 +317,21 @@ def test_a_refusal_takes_the_trace_id_as_its_request_id(start_proxy: Any) -> Non
     proxy = start_proxy({})
     response = httpx.get(proxy.url + "/nowhere", headers={"traceparent": TRACEPARENT}, timeout=10)
     assert response.json()["request_id"] == TRACE_ID
+
+
+def test_a_forged_websocket_path_refused_by_the_proxy_is_one_escaped_line(
+    forgeable: tuple[Running, str], capture: Callable[[str], Lines]
+) -> None:
+    """A WebSocket with dot segments is refused (400) before any plugin sees it: still one escaped line."""
+    running, mount = forgeable
+    lines = capture("text")
+    path = mount.encode() + b"/b/../x%0d%0aFORGED%1b[2J"
+    handshake = (
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response = raw_request(running.port, handshake)
+    assert status_of(response) in (400, 403)  # 403: a server without the websocket.http.response extension
+    [line] = lines.wait(1)
+    assert '"WEBSOCKET ' in line and " status=400 " in line
+    assert "\r" not in line and "\x1b" not in line and line.count(" plugin=") == 1
