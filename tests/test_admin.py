@@ -208,7 +208,8 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, plugin: PluginServer)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINT_")}
     env.update({CONFIG_ENV: str(config), SECRET_ENV: SECRET, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)})
     argv = [sys.executable, "-m", "uvicorn", "mint_proxy:app", "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "stderr.log").open("w", encoding="utf-8")
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: _get(url + "/_mint/healthz") == 200, "the server answers")
@@ -232,6 +233,13 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, plugin: PluginServer)
     finally:
         proc.terminate()
         proc.wait(20)
+        log.close()
+    # With several workers each access line says which one wrote it.
+    access = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if '"GET /peak/x"' in line]
+    assert len(access) == total
+    assert {re.search(r" pid=(\d+)$", line)[1] for line in access} == {  # type: ignore[index]
+        name.removeprefix("mint_proxy_").removesuffix(".json") for name in pids
+    }
 
 
 def _get(url: str) -> int:
