@@ -232,13 +232,43 @@ def several_workers() -> bool:
     return multiprocessing.parent_process() is not None or "gunicorn" in sys.modules
 
 
-def finish_exchange(metrics: "ProxyMetrics | None", exchange: Exchange, *, active: bool = False) -> None:
-    """Count ``exchange`` in ``metrics`` (``active``: it was counted as started) and log its line."""
+def finish_http(
+    metrics: "ProxyMetrics | None",
+    scope: Scope,
+    plugin: str,
+    request_id: bytes,
+    status: int,
+    started: float,
+    bytes_in: int,
+    bytes_out: int,
+    ttfb: float | None,
+    reason: str,
+    error: "ProxyError | None",
+    aborted: bool,
+    retried: bool,
+    trace_id: bytes | None,
+) -> None:
+    """Count a proxied HTTP request that ``metrics.started`` counted, and log its line.
+
+    Positional and flat on purpose: this runs once per request when metrics are on, and the
+    ``Exchange`` is only built when a line is printed.
+    """
+    duration = time.perf_counter() - started
     if metrics is not None:
-        if active:
-            metrics.request_finished(exchange)
-        else:
-            metrics.observe(exchange)
+        metrics.finished += 1
+        metrics.observe_http(plugin, scope["method"], status, duration, ttfb, error, retried)
+    level = logging.WARNING if aborted or status == 502 or status == 504 else logging.INFO
+    if access_logger.isEnabledFor(level):
+        exchange = Exchange(scope, plugin, request_id, status, duration, bytes_in=bytes_in, bytes_out=bytes_out)
+        exchange.ttfb, exchange.reason, exchange.error = ttfb, reason, error
+        exchange.aborted, exchange.retried, exchange.trace_id = aborted, retried, trace_id
+        access_logger.log(level, "%s", exchange)
+
+
+def finish_exchange(metrics: "ProxyMetrics | None", exchange: Exchange) -> None:
+    """Count ``exchange`` (a refusal or a WebSocket session) in ``metrics`` and log its line."""
+    if metrics is not None:
+        metrics.observe(exchange)
     level = exchange.level
     if access_logger.isEnabledFor(level):
         access_logger.log(level, "%s", exchange)

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from ._accesslog import Exchange, access_logger, finish_exchange, refusal
+from ._accesslog import access_logger, finish_http, refusal
 from ._respond import send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
@@ -284,8 +284,9 @@ class ProxyMiddleware:
         aborted = retried = False
         trace: bytes | None = None
         metrics = self.metrics
+        observing = metrics is not None or access_logger.isEnabledFor(logging.INFO)
         if metrics is not None:
-            metrics.request_started(route.plugin)
+            metrics.started += 1
         try:
             try:
                 http_version: str = scope.get("http_version", "1.1")
@@ -381,7 +382,8 @@ class ProxyMiddleware:
                     while conn.head is None:
                         await conn.wait(timeout)
                 head = conn.head
-                ttfb = time.perf_counter() - started
+                if observing:
+                    ttfb = time.perf_counter() - started
 
                 headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
                 if head.content_length is not None:
@@ -424,23 +426,11 @@ class ProxyMiddleware:
         finally:
             if conn is not None and not released:
                 conn.abort()
-            if metrics is not None or error is not None or access_logger.isEnabledFor(logging.INFO):
-                exchange = Exchange(
-                    scope,
-                    route.plugin,
-                    request_id,
-                    status,
-                    time.perf_counter() - started,
-                    bytes_in=received,
-                    bytes_out=sent,
-                    ttfb=ttfb,
-                    reason=reason,
-                    error=error,
-                    aborted=aborted,
-                    retried=retried,
-                    trace_id=trace,
-                )
-                finish_exchange(metrics, exchange, active=True)
+            if observing or error is not None:
+                finish_http(
+                    metrics, scope, route.plugin, request_id, status, started, received, sent, ttfb, reason, error,
+                    aborted, retried, trace,
+                )  # fmt: skip
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message; 408 when the client stays silent for ``client_body_timeout``."""

@@ -94,7 +94,10 @@ class ProxyMetrics:
         self._ttfbs: dict[str, list[float]] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._retries: dict[str, int] = {}
-        self._active: dict[str, int] = {}
+        # The proxy's hot path adds to these directly (an attribute add costs far less than a call);
+        # requests in progress = started - finished.
+        self.started = 0
+        self.finished = 0
         self._ws_active: dict[str, int] = {}
         self._ws_total: dict[str, int] = {}
         self._reloads: dict[str, int] = {}
@@ -104,43 +107,45 @@ class ProxyMetrics:
 
     # -- the hooks (hot path: plain dict and list updates) ---------------------------------------
 
-    def request_started(self, plugin: str) -> None:
-        active = self._active
-        active[plugin] = active.get(plugin, 0) + 1
-
-    def request_finished(self, exchange: "Exchange") -> None:
-        """``observe`` a request that ``request_started`` counted as active."""
-        active = self._active
-        active[exchange.plugin] = active.get(exchange.plugin, 1) - 1
-        self.observe(exchange)
-
     def observe(self, exchange: "Exchange") -> None:
-        """Count one finished request, refusal or WebSocket session."""
-        plugin = exchange.plugin
+        """Count one finished refusal or WebSocket session (proxied HTTP requests use ``observe_http``)."""
         scope = exchange.scope
-        method = _METHOD.get(scope["method"], "OTHER") if scope["type"] == "http" else "WEBSOCKET"
-        key = (plugin, method, exchange.status)
+        method = scope["method"] if scope["type"] == "http" else "WEBSOCKET"
+        self.observe_http(
+            exchange.plugin, method, exchange.status, exchange.duration, exchange.ttfb, exchange.error, exchange.retried
+        )
+
+    def observe_http(
+        self,
+        plugin: str,
+        method: str,
+        status: int,
+        duration: float,
+        ttfb: float | None,
+        error: Exception | None,
+        retried: bool,
+    ) -> None:
+        """Count one finished exchange (positional arguments: this runs once per request)."""
+        key = (plugin, _METHOD.get(method, "OTHER"), status)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
-        duration = exchange.duration
         series = self._durations.get(plugin)
         if series is None:
             series = self._durations[plugin] = _histogram(len(DURATION_BUCKETS))
         series[0] += duration
         series[1 + bisect_left(DURATION_BUCKETS, duration)] += 1
-        ttfb = exchange.ttfb
         if ttfb is not None:
             series = self._ttfbs.get(plugin)
             if series is None:
                 series = self._ttfbs[plugin] = _histogram(len(TTFB_BUCKETS))
             series[0] += ttfb
             series[1 + bisect_left(TTFB_BUCKETS, ttfb)] += 1
-        if exchange.error is not None:
-            reason = upstream_error_reason(exchange.error)
+        if error is not None:
+            reason = upstream_error_reason(error)
             if reason is not None:
                 errors = self._errors
                 errors[(plugin, reason)] = errors.get((plugin, reason), 0) + 1
-        if exchange.retried:
+        if retried:
             self._retries[plugin] = self._retries.get(plugin, 0) + 1
         if self.multiprocess_dir is not None and self._flush is None:
             self._schedule_flush()
@@ -179,7 +184,7 @@ class ProxyMetrics:
             "ttfbs": self._ttfbs,
             "errors": [[*key, count] for key, count in self._errors.items()],
             "retries": self._retries,
-            "active": self._active,
+            "active": self.started - self.finished,
             "ws_active": self._ws_active,
             "ws_total": self._ws_total,
             "reloads": self._reloads,
@@ -264,7 +269,7 @@ class _Collector:
         ttfbs: dict[str, list[float]] = {}
         errors: dict[tuple[str, str], float] = {}
         retries: dict[str, float] = {}
-        active: dict[str, float] = {}
+        active = 0.0
         ws_active: dict[str, float] = {}
         ws_total: dict[str, float] = {}
         reloads: dict[str, float] = {}
@@ -283,7 +288,7 @@ class _Collector:
             _add(reloads, data["reloads"])
             last_reload = max(last_reload, data["last_reload"])
             if alive:
-                _add(active, data["active"])
+                active += data["active"]
                 _add(ws_active, data["ws_active"])
                 _add(pool, data["pool"])
 
@@ -323,7 +328,7 @@ class _Collector:
             "Requests sent again on a new connection after a pooled one turned out closed.",
             retries,
         )
-        yield _per_plugin(GaugeMetricFamily, "mint_proxy_active_requests", "HTTP requests in progress.", active)
+        yield GaugeMetricFamily("mint_proxy_active_requests", "Proxied HTTP requests in progress.", value=active)
         gauge = GaugeMetricFamily(
             "mint_proxy_upstream_connections", "Pooled connections to plugins, by state.", labels=["state"]
         )
