@@ -377,3 +377,20 @@ def test_demo_on_a_busy_port_suggests_another(capsys: pytest.CaptureFixture[str]
         busy.listen()
         assert main(["demo", "--port", str(busy.getsockname()[1]), "--duration", "1"]) == 1
     assert "--port" in capsys.readouterr().err
+
+
+def test_serve_log_format_json_prints_json_access_lines(tmp_path: Path) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text('[proxy]\n"/peak-picking" = "http://127.0.0.1:9"\n', encoding="utf-8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINT_")} | {SECRET_ENV: SECRET}
+    child = _Child("serve", "--config", str(config), "--port", str(port), "--log-format", "json", env=env)
+    try:
+        child.wait_for("Uvicorn running on")
+        assert httpx.get(f"http://127.0.0.1:{port}/elsewhere", timeout=10).status_code == 404
+        lines = child.wait_for('"path":"/elsewhere"')
+    finally:
+        child.stop()
+    [line] = [line for line in lines if '"path":"/elsewhere"' in line]
+    data = json.loads(line)
+    assert (data["status"], data["plugin"], data["reason"]) == (404, "-", "not_found: no route matches this path")
