@@ -31,6 +31,7 @@ from ._types import Scope
 
 if TYPE_CHECKING:
     from .errors import ProxyError
+    from .headers import RequestInfo
     from .metrics import ProxyMetrics
 
 ACCESS_LOGGER = "mint_proxy.access"
@@ -77,7 +78,6 @@ class Exchange:
         "reason",
         "error",
         "aborted",
-        "retried",
         "trace_id",
     )
 
@@ -95,7 +95,6 @@ class Exchange:
         reason: str = "",
         error: Exception | None = None,
         aborted: bool = False,
-        retried: bool = False,
         trace_id: bytes | None = None,
     ) -> None:
         self.scope = scope
@@ -109,7 +108,6 @@ class Exchange:
         self.reason = reason
         self.error = error
         self.aborted = aborted
-        self.retried = retried
         self.trace_id = trace_id
 
     @property
@@ -232,6 +230,11 @@ def several_workers() -> bool:
     return multiprocessing.parent_process() is not None or "gunicorn" in sys.modules
 
 
+# Why a request did not simply complete: (reason for the access line, the ProxyError, aborted mid-response).
+Failure = tuple[str, "ProxyError | None", bool]
+_COMPLETE: Failure = ("", None, False)
+
+
 def finish_http(
     metrics: "ProxyMetrics | None",
     scope: Scope,
@@ -242,11 +245,8 @@ def finish_http(
     bytes_in: int,
     bytes_out: int,
     ttfb: float | None,
-    reason: str,
-    error: "ProxyError | None",
-    aborted: bool,
-    retried: bool,
-    trace_id: bytes | None,
+    failure: Failure | None,
+    info: "RequestInfo | None",
 ) -> None:
     """Count a proxied HTTP request that ``metrics.started`` counted, and log its line.
 
@@ -254,14 +254,15 @@ def finish_http(
     ``Exchange`` is only built when a line is printed.
     """
     duration = time.perf_counter() - started
+    reason, error, aborted = failure or _COMPLETE
     if metrics is not None:
         metrics.finished += 1
-        metrics.observe_http(plugin, scope["method"], status, duration, ttfb, error, retried)
+        metrics.observe_http(plugin, scope["method"], status, duration, ttfb, error)
     level = logging.WARNING if aborted or status == 502 or status == 504 else logging.INFO
     if access_logger.isEnabledFor(level):
         exchange = Exchange(scope, plugin, request_id, status, duration, bytes_in=bytes_in, bytes_out=bytes_out)
-        exchange.ttfb, exchange.reason, exchange.error = ttfb, reason, error
-        exchange.aborted, exchange.retried, exchange.trace_id = aborted, retried, trace_id
+        exchange.ttfb, exchange.reason, exchange.error, exchange.aborted = ttfb, reason, error, aborted
+        exchange.trace_id = info.trace_id if info is not None else None
         access_logger.log(level, "%s", exchange)
 
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from ._accesslog import access_logger, finish_http, refusal
+from ._accesslog import Failure, access_logger, finish_http, refusal
 from ._respond import send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
@@ -76,7 +76,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
 _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
-_CLIENT_LEFT = "client closed the connection"
+# (reason, error, aborted) for the access line when the client left.
+_CLIENT_LEFT: Failure = ("client closed the connection", None, False)
 # What ASGI servers guarantee, checked again: a middleware in front that rewrote the body without
 # its Content-Length would otherwise make the plugin read the rest as a second request.
 _LENGTH_MISMATCH = "the request body does not match its Content-Length"
@@ -276,22 +277,20 @@ class ProxyMiddleware:
         status = 0
         conn: Connection | None = None
         released = False
-        # What the access line and the metrics need (``_accesslog.Exchange``), kept in locals.
+        # What the access line and the metrics need (``_accesslog.finish_http``), kept in few locals:
+        # ``failure`` is (reason, error, aborted) once something went wrong.
         received = sent = 0
         ttfb: float | None = None
-        error: ProxyError | None = None
-        reason = ""
-        aborted = retried = False
-        trace: bytes | None = None
+        failure: Failure | None = None
+        info: RequestInfo | None = None
         metrics = self.metrics
-        observing = metrics is not None or access_logger.isEnabledFor(logging.INFO)
         if metrics is not None:
             metrics.started += 1
         try:
             try:
                 http_version: str = scope.get("http_version", "1.1")
                 info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via_marker)
-                request_id, trace = info.request_id, info.trace_id
+                request_id = info.request_id
                 method: str = scope["method"]
                 limit = route.max_body_bytes
                 if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
@@ -300,7 +299,7 @@ class ProxyMiddleware:
                         raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     body: bytes = message.get("body", b"")
                     more: bool = message.get("more_body", False)
@@ -344,7 +343,7 @@ class ProxyMiddleware:
                         break  # the plugin answered early: stop sending, relay its answer
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     chunk: bytes = message.get("body", b"")
                     last_chunk = not message.get("more_body", False)
@@ -371,7 +370,8 @@ class ProxyMiddleware:
                     if conn.client_gone or not whole or not _may_retry(conn, method):
                         raise
                     conn.abort()
-                    retried = True
+                    if metrics is not None:
+                        metrics.retried(route.plugin)
                     conn = await self.pool.connect(
                         route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                     )
@@ -382,8 +382,7 @@ class ProxyMiddleware:
                     while conn.head is None:
                         await conn.wait(timeout)
                 head = conn.head
-                if observing:
-                    ttfb = time.perf_counter() - started
+                ttfb = time.perf_counter() - started
 
                 headers = filter_response(head.headers, request_id=request_id, route=route, client_prefix=plan.prefix)
                 if head.content_length is not None:
@@ -393,9 +392,9 @@ class ProxyMiddleware:
                 if conn is not None:
                     conn.abort()
                     if conn.client_gone:
-                        status, reason = CLIENT_CLOSED, _CLIENT_LEFT
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
-                status, error, reason = exc.status, exc, f"{exc.error}: {exc.detail}"
+                status, failure = exc.status, (f"{exc.error}: {exc.detail}", exc, False)
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
                 sent = await send_error(send, exc.status, exc.error, exc.detail, request_id, close=exc.close_connection)
@@ -419,18 +418,14 @@ class ProxyMiddleware:
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
             except ProxyError as exc:
                 # One event, one line: the access line says the client got ``status`` and an abort.
-                if conn.client_gone:
-                    reason = _CLIENT_LEFT
-                else:
-                    error, aborted, reason = exc, True, f"aborted: {exc.detail}"
+                failure = _CLIENT_LEFT if conn.client_gone else (f"aborted: {exc.detail}", exc, True)
         finally:
             if conn is not None and not released:
                 conn.abort()
-            if observing or error is not None:
+            if metrics is not None or failure is not None or access_logger.isEnabledFor(logging.INFO):
                 finish_http(
-                    metrics, scope, route.plugin, request_id, status, started, received, sent, ttfb, reason, error,
-                    aborted, retried, trace,
-                )  # fmt: skip
+                    metrics, scope, route.plugin, request_id, status, started, received, sent, ttfb, failure, info
+                )
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message; 408 when the client stays silent for ``client_body_timeout``."""

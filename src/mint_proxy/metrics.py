@@ -111,9 +111,7 @@ class ProxyMetrics:
         """Count one finished refusal or WebSocket session (proxied HTTP requests use ``observe_http``)."""
         scope = exchange.scope
         method = scope["method"] if scope["type"] == "http" else "WEBSOCKET"
-        self.observe_http(
-            exchange.plugin, method, exchange.status, exchange.duration, exchange.ttfb, exchange.error, exchange.retried
-        )
+        self.observe_http(exchange.plugin, method, exchange.status, exchange.duration, exchange.ttfb, exchange.error)
 
     def observe_http(
         self,
@@ -123,7 +121,6 @@ class ProxyMetrics:
         duration: float,
         ttfb: float | None,
         error: Exception | None,
-        retried: bool,
     ) -> None:
         """Count one finished exchange (positional arguments: this runs once per request)."""
         key = (plugin, _METHOD.get(method, "OTHER"), status)
@@ -145,10 +142,12 @@ class ProxyMetrics:
             if reason is not None:
                 errors = self._errors
                 errors[(plugin, reason)] = errors.get((plugin, reason), 0) + 1
-        if retried:
-            self._retries[plugin] = self._retries.get(plugin, 0) + 1
         if self.multiprocess_dir is not None and self._flush is None:
             self._schedule_flush()
+
+    def retried(self, plugin: str) -> None:
+        """Count a request sent again on a new connection (a pooled one turned out closed)."""
+        self._retries[plugin] = self._retries.get(plugin, 0) + 1
 
     def websocket_opened(self, plugin: str) -> None:
         self._ws_active[plugin] = self._ws_active.get(plugin, 0) + 1
