@@ -24,7 +24,7 @@ from mint_proxy.errors import DevConfigError
 from mint_proxy.plugins.spec import PluginState, PluginStatus
 
 from .conftest import PluginServer
-from .utils import SECRET, free_port, serve
+from .utils import SECRET, RawBackend, free_port, serve
 
 
 @pytest.fixture(autouse=True)
@@ -260,3 +260,21 @@ def _wait(condition: Any, what: str, deadline: float = 30.0) -> None:
 def test_sample_helper_reads_labels_in_any_order() -> None:
     assert sample('x_total{b="2",a="1"} 3.0\n', "x_total", a="1", b="2") == 3.0
     assert re.fullmatch(r"\d+", "1")
+
+
+def test_retries_and_dropped_connections_are_counted(start_proxy: Any) -> None:
+    """A pooled connection the plugin closed: a GET is sent again (a retry), a POST is a 502 (refused)."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    metrics = ProxyMetrics(environ={})
+    with RawBackend(lambda head, index: ok if index == 0 else b"", close=False) as backend:
+        proxy = start_proxy({"/peak": backend.url}, metrics=metrics)
+        with httpx.Client(timeout=10) as client:
+            assert client.get(proxy.url + "/peak/x").status_code == 200
+            assert client.get(proxy.url + "/peak/x").status_code == 200  # on a new connection, after a retry
+            assert client.post(proxy.url + "/peak/x", content=b"body").status_code == 502
+    text = metrics.render().decode()
+    assert sample(text, "mint_proxy_retries_total", plugin="peak") == 1
+    assert sample(text, "mint_proxy_upstream_errors_total", plugin="peak", reason="refused") == 1
+    assert sample(text, "mint_proxy_requests_total", plugin="peak", method="GET", code="200") == 2
+    assert sample(text, "mint_proxy_requests_total", plugin="peak", method="POST", code="502") == 1
+    assert sample(text, "mint_proxy_active_requests") == 0
