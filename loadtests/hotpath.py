@@ -10,6 +10,7 @@ can be compared exactly::
     taskset -c 1 .venv/bin/python -m loadtests.hotpath              # µs per request, best of 5
     .venv/bin/python -m loadtests.hotpath --callgrind               # instructions per request
     .venv/bin/python -m loadtests.hotpath --callgrind --floor       # the same for loadtests.floor
+    .venv/bin/python -m loadtests.hotpath --callgrind --metrics     # with ProxyMetrics counting
 
 ``--floor`` runs ``loadtests/floor.py``'s forwarder in the same harness: the event loop's futures
 and a minimal exchange, none of mint_proxy's rules. The difference is what mint_proxy's own work
@@ -21,6 +22,7 @@ Server, Content-Type, Content-Length, 13 bytes), so the numbers describe the ben
 
 import argparse
 import asyncio
+import functools
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any
 
-from mint_proxy import ProxyMiddleware, TokenIssuer
+from mint_proxy import ProxyMetrics, ProxyMiddleware, TokenIssuer
 from mint_proxy._upstream import Connection
 
 RESPONSE = (
@@ -79,10 +81,15 @@ def _scope() -> dict[str, Any]:
     }
 
 
-async def run(requests: int) -> float:
+async def run(requests: int, metrics: bool = False) -> float:
     """Proxy ``requests`` GETs after a warm-up; return the seconds they took."""
     loop = asyncio.get_running_loop()
-    proxy = ProxyMiddleware(None, routes={"/bench": "http://127.0.0.1:8001"}, tokens=TokenIssuer("x" * 48))
+    proxy = ProxyMiddleware(
+        None,
+        routes={"/bench": "http://127.0.0.1:8001"},
+        tokens=TokenIssuer("x" * 48),
+        metrics=ProxyMetrics(environ={}) if metrics else None,
+    )
     route = proxy.routes.match("/bench/small")
     if route is None:
         raise RuntimeError("the bench route does not match")
@@ -130,11 +137,12 @@ async def _drive(app: Callable[..., Awaitable[None]], requests: int) -> tuple[fl
     return time.perf_counter() - began, statuses
 
 
-def _instructions(requests: int, *, floor: bool) -> int:
+def _instructions(requests: int, *, floor: bool, metrics: bool = False) -> int:
     """Instructions valgrind counts for the whole process with ``requests`` measured requests."""
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     argv += [sys.executable, "-m", "loadtests.hotpath", "--requests", str(requests), "--once"]
     argv += ["--floor"] if floor else []
+    argv += ["--metrics"] if metrics else []
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
     for line in out.stderr.splitlines():
         if "refs:" in line:
@@ -147,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50_000, help="measured requests per run (default 50000)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions per request with valgrind")
     parser.add_argument("--floor", action="store_true", help="measure loadtests.floor instead of mint_proxy")
+    parser.add_argument("--metrics", action="store_true", help="count every request in a ProxyMetrics")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    measure = run_floor if args.floor else run
+    measure = run_floor if args.floor else functools.partial(run, metrics=args.metrics)
     runner: Callable[[Coroutine[Any, Any, float]], float] = asyncio.run
     try:
         import uvloop  # the loop the benchmark's uvicorn runs (it comes with uvicorn[standard])
@@ -166,9 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         # Two runs that differ only in the number of measured requests: start-up cancels out.
         small, large = 1000, 1000 + args.requests // 10
-        per_request = (_instructions(large, floor=args.floor) - _instructions(small, floor=args.floor)) / (
-            large - small
-        )
+        count = functools.partial(_instructions, floor=args.floor, metrics=args.metrics)
+        per_request = (count(large) - count(small)) / (large - small)
         print(f"instructions per request: {per_request:,.0f}")
         return 0
     best = min(runner(measure(args.requests)) for _ in range(5))

@@ -481,8 +481,8 @@ def test_access_log_is_on_stderr_by_default(reloading: tuple[Uvicorn, Path], plu
     child, _ = reloading
     response = httpx.get(child.url + "/a/x?q=1", headers={"X-Request-Id": "access-log-check"}, timeout=10)
     assert response.status_code == 200
-    line = child.wait_for_stderr(r'access-log-check "GET /a/x" plugin=a status=200 [0-9.]+ms$')
-    assert line.split()[2:4] == ["INFO", "mint_proxy:"]
+    line = child.wait_for_stderr(r'access-log-check "GET /a/x\?q=1" plugin=a status=200 [0-9.]+ms in=0 out=\d+ ')
+    assert line.split()[2:4] == ["INFO", "mint_proxy.access:"]
 
 
 def test_no_access_log_silences_the_access_lines(
@@ -567,4 +567,59 @@ def test_mounted_middleware_prints_nothing_without_platform_logging(tmp_path: Pa
 
 def test_mounted_middleware_logs_through_the_platforms_logging(tmp_path: Path, plugin: PluginServer) -> None:
     err = run_platform(tmp_path, plugin, "configured")
-    assert re.search(r'mint_proxy INFO [0-9a-f]{32} "GET /peak/x" plugin=peak status=200 ', err)
+    assert re.search(r'mint_proxy.access INFO [0-9a-f]{32} "GET /peak/x" plugin=peak status=200 ', err)
+
+
+# -- (h) operations: startup log, empty config, JSON log format --------------------------------------------
+
+
+def test_startup_logs_the_file_and_its_routes(
+    tmp_path: Path, plugin: PluginServer, run_uvicorn: Callable[..., Uvicorn]
+) -> None:
+    config = tmp_path / "config.dev.toml"
+    write_config(config, f'[proxy]\n"/a" = "{plugin.url}"\n')
+    child = run_uvicorn(**{CONFIG_ENV: str(config), SECRET_ENV: SECRET})
+    line = child.wait_for_stderr("loaded ")
+    assert f"INFO mint_proxy: loaded {config}: 1 route: /a -> {plugin.url}" in line
+
+
+def test_an_empty_config_is_a_warning_at_startup(tmp_path: Path, run_uvicorn: Callable[..., Uvicorn]) -> None:
+    config = tmp_path / "config.dev.toml"
+    write_config(config, "")
+    child = run_uvicorn(**{CONFIG_ENV: str(config), SECRET_ENV: SECRET})
+    line = child.wait_for_stderr("loaded ")
+    assert "WARNING mint_proxy: loaded" in line and "no routes: every request will be answered 404" in line
+
+
+def test_an_edit_that_empties_the_config_is_a_warning(reloading: tuple[Uvicorn, Path]) -> None:
+    child, config = reloading
+    write_config(config, "[proxy]\n")
+    line = child.wait_for_stderr("reloaded ")
+    assert "WARNING mint_proxy: reloaded" in line and "no routes" in line
+
+
+def test_json_log_format_prints_one_json_object_per_line(
+    tmp_path: Path, plugin: PluginServer, run_uvicorn: Callable[..., Uvicorn]
+) -> None:
+    config = tmp_path / "config.dev.toml"
+    write_config(config, f'[proxy]\n"/a" = "{plugin.url}"\n')
+    child = run_uvicorn(**{CONFIG_ENV: str(config), SECRET_ENV: SECRET, "MINT_PROXY_LOG_FORMAT": "json"})
+    child.wait_for_stderr("Uvicorn running on")
+    assert child.get("/a/x").status_code == 200
+    line = child.wait_for_stderr(r'^\{.*"request_id"')
+    data = json.loads(line)
+    assert (data["level"], data["method"], data["path"], data["plugin"], data["status"]) == (
+        "INFO",
+        "GET",
+        "/a/x",
+        "a",
+        200,
+    )
+    startup = json.loads(child.wait_for_stderr(r'^\{.*"loaded '))
+    assert startup["logger"] == "mint_proxy" and startup["level"] == "INFO"
+
+
+def test_an_unknown_log_format_fails_startup(peak_config: Path, run_uvicorn: Callable[..., Uvicorn]) -> None:
+    child = run_uvicorn(**{CONFIG_ENV: str(peak_config), SECRET_ENV: SECRET, "MINT_PROXY_LOG_FORMAT": "xml"})
+    assert child.wait() != 0
+    assert "MINT_PROXY_LOG_FORMAT='xml': must be 'text' or 'json'" in "".join(child.stderr)

@@ -131,7 +131,7 @@ def test_invalid_port_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
 def test_check_prints_the_route_table_aligned(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(good_config)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f'{good_config}: OK, 2 routes, mount_path "/api", retry_window 0s'
+    assert out[0] == f'{good_config}: OK, 2 routes, mount_path "/api", retry_window 0s, admin_path "/_mint"'
     header, peak, lcms = out[2:]
     assert header.split() == [
         "prefix",
@@ -155,7 +155,12 @@ def test_check_of_a_config_without_routes_prints_the_summary_only(
     path = tmp_path / "empty.toml"
     path.write_text("", encoding="utf-8")
     assert main(["check", str(path)]) == 0
-    assert capsys.readouterr().out == f'{path}: OK, 0 routes, mount_path "", retry_window 2s\n'
+    captured = capsys.readouterr()
+    assert captured.out == f'{path}: OK, 0 routes, mount_path "", retry_window 2s, admin_path "/_mint"\n'
+    assert (
+        captured.err
+        == f"mint-proxy: warning: {path}: no routes: every request will be answered 404; add routes under [proxy]\n"
+    )
 
 
 def test_check_of_a_broken_config_prints_the_message_and_exits_2(
@@ -173,6 +178,31 @@ def test_check_of_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "nope.toml: no such file" in err
     assert "Traceback" not in err
+
+
+def test_check_without_an_argument_reads_the_config_serve_would(
+    good_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(good_config))
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out.startswith(f"{good_config}: OK, 2 routes")
+
+
+def test_check_without_an_argument_defaults_to_config_dev_toml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.dev.toml: no such file (looked in {tmp_path / 'config.dev.toml'}); set {CONFIG_ENV}" in err
+    (tmp_path / "config.dev.toml").write_text('[proxy]\n"/a" = "http://127.0.0.1:9001"\n', encoding="utf-8")
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out.startswith("config.dev.toml: OK, 1 route,")
+
+
+def test_serve_rejects_an_unknown_log_format(good_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--config", str(good_config), "--log-format", "yaml"]) == 2
+    assert "invalid choice: 'yaml'" in capsys.readouterr().err
 
 
 # --- token ----------------------------------------------------------------------------------------------
@@ -550,3 +580,20 @@ def test_serve_platform_gets_what_no_route_matches(tmp_path: Path, kind: str) ->
         for server in servers:
             server.terminate()
             server.wait(15)
+
+
+def test_serve_log_format_json_prints_json_access_lines(tmp_path: Path) -> None:
+    config = tmp_path / "config.dev.toml"
+    config.write_text('[proxy]\n"/peak-picking" = "http://127.0.0.1:9"\n', encoding="utf-8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINT_")} | {SECRET_ENV: SECRET}
+    child = _Child("serve", "--config", str(config), "--port", str(port), "--log-format", "json", env=env)
+    try:
+        child.wait_for("Uvicorn running on")
+        assert httpx.get(f"http://127.0.0.1:{port}/elsewhere", timeout=10).status_code == 404
+        lines = child.wait_for('"path":"/elsewhere"')
+    finally:
+        child.stop()
+    [line] = [line for line in lines if '"path":"/elsewhere"' in line]
+    data = json.loads(line)
+    assert (data["status"], data["plugin"], data["reason"]) == (404, "-", "not_found: no route matches this path")

@@ -432,7 +432,7 @@ def test_watcher_applies_an_edit(config: _Config, table: RouteTable, caplog: pyt
     with caplog.at_level(logging.INFO, logger="mint_proxy"):
         assert poll(watcher) is True
     assert table == parse_dev_config(TWO).routes
-    assert f"reloaded {config.path}: 2 routes" in caplog.messages
+    assert any(m.startswith(f"reloaded {config.path}: 2 routes: ") for m in caplog.messages)
     assert watcher.check() is False
 
 
@@ -761,11 +761,18 @@ def test_watcher_calls_on_reload_with_the_new_config(tmp_path: Path) -> None:
     path.write_text('[proxy."/p"]\napp = "m:app"\n', encoding="utf-8")
     environ = {"MINT_PROXY_RUNTIME_DIR": str(tmp_path)}
     config = load_dev_config(path, environ=environ)
-    seen: list[DevConfig] = []
+    seen: list[DevConfig | None] = []
     watcher = ConfigWatcher(str(path), config.routes, environ=environ, on_reload=seen.append)
     path.write_text('[proxy."/p"]\napp = "m:app"\nstop_timeout = 1\n', encoding="utf-8")
     os.utime(path, ns=(1, 1))
     watcher.check()
     assert watcher.check() is True
-    assert [spec.stop_timeout for spec in seen[0].plugins] == [1]
-    assert seen[0].runtime_dir == str(tmp_path)
+    (reloaded,) = seen
+    assert reloaded is not None
+    assert [spec.stop_timeout for spec in reloaded.plugins] == [1]
+    assert reloaded.runtime_dir == str(tmp_path)
+    path.write_text("[proxy\n", encoding="utf-8")  # a broken edit: None, the last good routes stay
+    os.utime(path, ns=(2, 2))
+    watcher.check()
+    assert watcher.check() is False
+    assert seen[1:] == [None]

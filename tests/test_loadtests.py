@@ -1,9 +1,20 @@
 """The benchmark's own harnesses keep working (no timing asserts: speed lives in loadtests/)."""
 
+import ast
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 
 from loadtests import hotpath
 from loadtests._report import RoundResult, render, summarize
+
+from .utils import free_port
+
+LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.py"
 
 
 def test_hotpath_harness_answers_every_request_on_one_pooled_connection() -> None:
@@ -36,3 +47,35 @@ def test_report_gives_latency_against_nginx_and_the_floor_and_cpu_at_one_connect
     assert "| mint_proxy | 250 | — | 200 | — | 2.00 | 1.33 | 150.0 |" in render(
         [nginx, floor, mint], rounds, meta=[], skipped={}
     )
+
+
+def _demo_paths() -> dict[str, str]:
+    """``DEMO_PATHS`` from the locustfile, read without importing locust (it monkeypatches the process)."""
+    tree = ast.parse(LOCUSTFILE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DEMO_PATHS" for t in node.targets):
+            paths: dict[str, str] = ast.literal_eval(node.value)
+            return paths
+    raise AssertionError("loadtests/locustfile.py defines no DEMO_PATHS")
+
+
+def test_locustfile_demo_paths_exist_on_the_demo(tmp_path: Path) -> None:
+    """``MINT_BENCH_TARGET=demo`` aims at paths the running demo answers with 200."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINT_")}
+    argv = [sys.executable, "-m", "mint_proxy.cli", "demo", "--port", str(port), "--duration", "60"]
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait for the "proxy on" line, not a sleep
+            if "proxy on" in line:
+                break
+        base = f"http://127.0.0.1:{port}"
+        paths = _demo_paths()
+        with httpx.Client(base_url=base, timeout=10) as client:
+            assert client.post(paths.pop("run"), content=b"m" * 512).status_code == 200
+            for path in paths.values():
+                assert client.get(path).status_code == 200, path
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)

@@ -580,7 +580,7 @@ async def test_websocket_handshake_failure_is_access_logged(
         with pytest.raises(InvalidStatus):
             async with ws_connect(proxy, "/peak/feed", additional_headers={"X-Request-Id": "ws-log-me"}):
                 pass  # never reached: the handshake must fail
-    lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy.access"]
     assert any(re.match(r'ws-log-me "WEBSOCKET /peak/feed" plugin=peak status=502 ', line) for line in lines)
 
 
@@ -594,10 +594,10 @@ async def test_websocket_session_is_access_logged(
             await ws.send("close:4001")
             with pytest.raises(ConnectionClosed):
                 await recv(ws)
-        await wait_until(lambda: any(r.name == "mint_proxy" for r in caplog.records))
-    lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy"]
+        await wait_until(lambda: any(r.name == "mint_proxy.access" for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy.access"]
     assert len(lines) == 1
-    assert re.fullmatch(r'ws-log-me "WEBSOCKET /peak/feed" plugin=peak status=101 \d+\.\dms', lines[0])
+    assert re.fullmatch(r'ws-log-me "WEBSOCKET /peak/feed" plugin=peak status=101 \d+\.\dms .*', lines[0])
 
 
 # -- found by review: the close handshake under load, a client gone during the handshake, fragments -----

@@ -8,8 +8,10 @@
 ``uvicorn mint_proxy:app`` runs the proxy alone from ``config.dev.toml``.
 """
 
+from ._accesslog import enable_access_log
 from ._app import DevProxyApp
 from ._upstream import UpstreamPool
+from .admin import AdminApp
 from .asgi import ProxyMiddleware
 from .devconfig import ConfigWatcher, DevConfig, load_dev_config
 from .errors import (
@@ -25,12 +27,14 @@ from .errors import (
     PluginUnavailable,
     ProxyError,
     RequestTimeout,
+    RouteNotFound,
     UpstreamProtocolError,
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
     URITooLong,
 )
+from .metrics import ProxyMetrics
 from .routing import Route, RouteTable, Upstream
 from .tokens import (
     INTERNAL_TOKEN_HEADER,
@@ -50,6 +54,7 @@ app = DevProxyApp()
 __all__ = [
     "INTERNAL_TOKEN_HEADER",
     "REQUEST_ID_HEADER",
+    "AdminApp",
     "BadRequest",
     "ConfigWatcher",
     "DevConfig",
@@ -66,9 +71,11 @@ __all__ = [
     "PayloadTooLarge",
     "PluginUnavailable",
     "ProxyError",
+    "ProxyMetrics",
     "ProxyMiddleware",
     "RequestTimeout",
     "Route",
+    "RouteNotFound",
     "RouteTable",
     "TokenIssuer",
     "URITooLong",
@@ -79,6 +86,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "app",
+    "enable_access_log",
     "load_dev_config",
     "verify_internal_token",
 ]

@@ -21,11 +21,19 @@ secret generated once into the runtime dir (0600) that every worker reads, so a
 token minted in one worker verifies in another. ``$MINT_INTERNAL_TOKEN_KID`` sets
 the tokens' ``kid``. A broken config makes startup fail with the ``DevConfigError``
 message, so uvicorn exits non-zero showing it.
+
+Startup logs which file was loaded and which routes are active (a WARNING when
+there are none: every request would be a 404). The admin views (``admin.AdminApp``)
+answer under ``[settings] admin_path`` (default ``/_mint``), with each supervised
+plugin's state from ``state.json``; metrics are on when ``prometheus_client`` is
+installed (``mint-proxy[metrics]``). The log format is ``$MINT_PROXY_LOG_FORMAT``
+(``text`` or ``json``).
 """
 
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -33,8 +41,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ._accesslog import formatter_for
 from ._platform import LifespanRunner, platform_app
 from ._types import ASGIApp, Receive, Scope, Send
+from .admin import AdminApp
 from .asgi import ProxyMiddleware
 from .devconfig import (
     KID_ENV,
@@ -42,15 +52,18 @@ from .devconfig import (
     ConfigWatcher,
     DevConfig,
     config_path_from_environ,
+    describe_routes,
     kid_from_environ,
     load_dev_config,
+    log_format_from_environ,
     secret_from_environ,
 )
 from .errors import MintProxyError
+from .metrics import PluginStatusProvider, ProxyMetrics
 from .plugins._election import SupervisorLock
 from .plugins._secret import shared_secret
 from .plugins._watch import StateWatcher
-from .plugins.spec import PluginSpec
+from .plugins.spec import PluginSpec, PluginStatus
 from .tokens import TokenIssuer
 
 logger = logging.getLogger("mint_proxy")
@@ -67,9 +80,16 @@ class DevProxyApp:
 
     ``platform`` (or ``$MINT_PROXY_PLATFORM``): an ASGI app, an import string for one, or
     the URL of a platform the developer runs; requests that match no route go there.
+    ``plugin_status`` feeds the admin views and metrics; by default, ``state.json``.
     """
 
-    def __init__(self, *, environ: Mapping[str, str] | None = None, platform: ASGIApp | str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        environ: Mapping[str, str] | None = None,
+        platform: ASGIApp | str | None = None,
+        plugin_status: PluginStatusProvider | None = None,
+    ) -> None:
         self._environ = environ
         self._platform = platform
         self.proxy: ProxyMiddleware | None = None
@@ -79,6 +99,10 @@ class DevProxyApp:
         self.supervisor: Any = None  # a PluginSupervisor while this process supervises
         self.config: DevConfig | None = None
         self._lifespan_runner: LifespanRunner | None = None
+        self._plugin_status = plugin_status
+        self.metrics: ProxyMetrics | None = None
+        self.admin: AdminApp | None = None
+        self._admin_path = ""
         self._watching: asyncio.Future[None] | None = None
         self._applying: asyncio.Lock | None = None
         self._specs: dict[str, PluginSpec] = {}
@@ -95,6 +119,8 @@ class DevProxyApp:
         environ = self.environ
         config = load_dev_config(config_path_from_environ(environ), environ=environ)
         runtime_dir = ensure_runtime_dir(config.runtime_dir)
+        level = logging.INFO if len(config.routes) else logging.WARNING
+        logger.log(level, "loaded %s: %s", os.path.abspath(config.path), describe_routes(config.routes))
         secret = secret_from_environ(environ)
         if secret is None:
             secret = shared_secret(runtime_dir)
@@ -113,6 +139,9 @@ class DevProxyApp:
         app = platform_app(platform) if isinstance(platform, str) else platform
         self.state = StateWatcher(runtime_dir)
         self.state.check()
+        plugin_status = self._plugin_status or self._statuses
+        if importlib.util.find_spec("prometheus_client") is not None:
+            self.metrics = ProxyMetrics(plugin_status=plugin_status, environ=environ)
         self.proxy = ProxyMiddleware(
             app,
             routes=config.routes,
@@ -120,7 +149,13 @@ class DevProxyApp:
             mount_path=config.mount_path,
             retry_window=config.retry_window,
             unavailable=self.state.unavailable,
+            metrics=self.metrics,
         )
+        self._admin_path = config.admin_path
+        if config.admin_path:
+            self.admin = AdminApp(
+                config.routes, metrics=self.metrics, plugin_status=plugin_status, mount_path=config.mount_path
+            )
         self.config = config
         self.watcher = ConfigWatcher(config.path, config.routes, environ=environ, on_reload=self._reloaded)
         self.lock = SupervisorLock(runtime_dir)
@@ -136,12 +171,19 @@ class DevProxyApp:
             # so two first requests cannot both run it) and poll from now on.
             proxy = self.setup()
             self._watching = asyncio.ensure_future(self._poll())
+        admin = self._admin_path
+        if admin and scope["type"] != "lifespan":
+            path: str = scope["path"]
+            if path.startswith(admin) and (len(path) == len(admin) or path[len(admin)] == "/"):
+                assert self.admin is not None
+                await self.admin({**scope, "root_path": scope.get("root_path", "") + admin}, receive, send)
+                return
         await proxy(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
-            _show_access_log()
+            _show_access_log(log_format_from_environ(self.environ))
             await self.start(state=scope.get("state"))
         except MintProxyError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -216,8 +258,19 @@ class DevProxyApp:
         self.supervisor = supervisor
         self._specs = {spec.slug: spec for spec in specs}
 
-    def _reloaded(self, config: DevConfig) -> None:
-        """ConfigWatcher's hook: keep the new config; the supervisor applies changed plugin entries."""
+    def _statuses(self) -> Mapping[str, PluginStatus]:
+        """What the supervisor last wrote to ``state.json``, as this process's watcher read it."""
+        return self.state.statuses if self.state is not None else {}
+
+    def _reloaded(self, config: DevConfig | None) -> None:
+        """ConfigWatcher's hook: count the reload; keep the new config; the supervisor applies changed plugins.
+
+        ``config`` is None after a broken edit (the last good routes stay).
+        """
+        if self.metrics is not None:
+            self.metrics.config_reloaded(config is not None)
+        if config is None:
+            return
         previous, self.config = self.config, config
         if previous is not None and previous.runtime_dir != config.runtime_dir:
             logger.warning("%s: runtime_dir changed; restart the proxy to apply it", config.path)
@@ -260,17 +313,18 @@ class DevProxyApp:
                 logger.exception("error while polling the config, plugin state and supervisor lock")
 
 
-def _show_access_log() -> None:
-    """Make the ``mint_proxy`` logger visible when the proxy runs alone.
+def _show_access_log(log_format: str = "text") -> None:
+    """Make the ``mint_proxy`` logger (and its child ``mint_proxy.access``) visible when the proxy runs alone.
 
     Follows uvicorn's own switches: ``--log-level`` sets the level and
-    ``--no-access-log`` silences the access lines too. Plugin output arrives on
-    ``mint_proxy.plugins.<slug>`` and shows through the same handler.
+    ``--no-access-log`` silences the access lines too (aborts and 502/504s, at
+    WARNING, still show). Plugin output arrives on ``mint_proxy.plugins.<slug>``
+    and shows through the same handler.
     """
     if logger.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter_for(log_format))
     logger.addHandler(handler)
     logger.propagate = False
     level = logging.INFO

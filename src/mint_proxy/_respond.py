@@ -1,17 +1,14 @@
-"""Responses the proxy makes itself: the JSON error, and the access log line.
+"""Responses the proxy makes itself: the JSON error.
 
-Every ``ProxyError`` becomes a response here and nowhere else.
+Every ``ProxyError`` becomes a response here and nowhere else. (The access line is
+``_accesslog``'s.)
 """
 
 import json
-import logging
-import time
 from collections.abc import Sequence
 
-from ._types import Message, RawHeaders, Scope, Send
+from ._types import Message, RawHeaders, Send
 from .headers import REQUEST_ID_HEADER
-
-logger = logging.getLogger("mint_proxy")
 
 
 def error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHeaders]:
@@ -34,7 +31,8 @@ async def send_error(
     *,
     close: bool = False,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
-) -> None:
+) -> int:
+    """Send the JSON error response; return its body's length (the access line's bytes out)."""
     body, headers = error_body(error, detail, request_id)
     headers += extra_headers
     if close:
@@ -42,18 +40,4 @@ async def send_error(
     message: Message = {"type": "http.response.start", "status": status, "headers": headers}
     await send(message)
     await send({"type": "http.response.body", "body": body})
-
-
-def log_access(request_id: bytes, scope: Scope, plugin: str, status: int, started: float) -> None:
-    """One line per proxied request on the ``mint_proxy`` logger, at INFO."""
-    if logger.isEnabledFor(logging.INFO):
-        duration = (time.perf_counter() - started) * 1000 if started else 0.0
-        logger.info(
-            '%s "%s %s" plugin=%s status=%d %.1fms',
-            request_id.decode("ascii", "replace"),
-            scope.get("method", "WEBSOCKET"),
-            scope["path"],
-            plugin,
-            status,
-            duration,
-        )
+    return len(body)

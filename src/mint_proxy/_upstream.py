@@ -498,6 +498,10 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return sum(len(conns) for conns in self._idle.values())
 
+    def busy_count(self) -> int:
+        """Connections carrying an exchange now."""
+        return len(self._busy)
+
     def take_idle(self, upstream: Upstream) -> Connection | None:
         """A pooled connection to ``upstream`` that is still open and fresh, if there is one."""
         idle = self._idle.get(upstream.address)

@@ -29,7 +29,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from ._respond import error_body, log_access
+from ._accesslog import Exchange, finish_exchange, refusal
+from ._respond import error_body
 from ._types import RawHeaders, Receive, Scope, Send
 from ._upstream import retry_refused
 from .errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
@@ -109,17 +110,20 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
                         "plugin %s put its internal token in response header(s) %s: dropped", route.plugin, names
                     )
             refused = UpstreamRefused("the plugin refused the WebSocket", status=status)
-            await deny_websocket(scope, send, refused, request_id, started, route.plugin, headers=kept)
+            await deny_websocket(proxy, scope, send, refused, request_id, started, route.plugin, headers=kept)
         else:
             error = UpstreamProtocolError("the plugin did not accept the WebSocket upgrade")
-            await deny_websocket(scope, send, error, request_id, started, route.plugin)
+            await deny_websocket(proxy, scope, send, error, request_id, started, route.plugin)
         return
     except ProxyError as exc:
-        await deny_websocket(scope, send, exc, request_id, started, route.plugin)
+        await deny_websocket(proxy, scope, send, exc, request_id, started, route.plugin)
         return
 
     relays: list[asyncio.Future[Any]] = []
     close_code, close_reason = 1000, ""
+    metrics = proxy.metrics
+    if metrics is not None:
+        metrics.websocket_opened(route.plugin)
     try:
         accept = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
         await send({**accept, "headers": [(b"x-request-id", request_id)]})
@@ -139,7 +143,12 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
             task.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
         await upstream.close(close_code, close_reason)
-        log_access(request_id, scope, route.plugin, 101, started)
+        if metrics is not None:
+            metrics.websocket_closed(route.plugin)
+        trace = info.trace_id
+        finish_exchange(
+            metrics, Exchange(scope, route.plugin, request_id, 101, time.perf_counter() - started, trace_id=trace)
+        )
 
 
 class _connect(connect):
@@ -226,6 +235,7 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
 
 
 async def deny_websocket(
+    proxy: "ProxyMiddleware",
     scope: Scope,
     send: Send,
     error: ProxyError,
@@ -238,13 +248,16 @@ async def deny_websocket(
     """Refuse a WebSocket before accepting it: the JSON error (plus ``headers``) as an HTTP
     response where the server supports the ``websocket.http.response`` extension, else a
     close (the server then answers 403)."""
+    sent = 0
     if "websocket.http.response" in scope.get("extensions", {}):
         body, fields = error_body(error.error, error.detail, request_id)
         fields += [*error.headers, *headers]
         await send({"type": "websocket.http.response.start", "status": error.status, "headers": fields})
         await send({"type": "websocket.http.response.body", "body": body})
+        sent = len(body)
     else:
         await send(
             {"type": "websocket.close", "code": 1011 if error.status >= 500 else 1008, "reason": error.detail[:120]}
         )
-    log_access(request_id, scope, plugin, error.status, started)
+    duration = time.perf_counter() - started if started else 0.0
+    refusal(proxy.metrics, scope, plugin, request_id, error, duration=duration, bytes_out=sent)

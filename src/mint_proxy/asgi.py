@@ -42,9 +42,11 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from ._respond import log_access, send_error
+from ._accesslog import Failure, access_logger, finish_http, refusal
+from ._respond import send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
@@ -76,6 +78,9 @@ from .plugins._watch import plugin_unavailable
 from .routing import Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
+if TYPE_CHECKING:
+    from .metrics import ProxyMetrics
+
 logger = logging.getLogger("mint_proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -95,6 +100,8 @@ _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 # A '.' or '..' segment after a '/' (one C scan; a split into segments costs 30 times more on long paths).
 _DOT_SEGMENT = re.compile(r"/\.\.?(?=/|\Z)")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
+# (reason, error, aborted) for the access line when the client left.
+_CLIENT_LEFT: Failure = ("client closed the connection", None, False)
 # What ASGI servers guarantee, checked again: a middleware in front that rewrote the body without
 # its Content-Length would otherwise make the plugin read the rest as a second request.
 _LENGTH_MISMATCH = "the request body does not match its Content-Length"
@@ -107,6 +114,7 @@ class ProxyMiddleware:
 
     ``routes`` is a ``RouteTable`` (shared and changed at runtime by the platform)
     or a plain ``{prefix: url}`` mapping. With ``app=None`` unmatched paths get 404.
+    ``metrics``: a ``ProxyMetrics`` to count requests in (``mint_proxy.metrics``).
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class ProxyMiddleware:
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,
         unavailable: Mapping[str, float] | None = None,
+        metrics: "ProxyMetrics | None" = None,
     ) -> None:
         check_mount_path(mount_path)
         if not retry_window >= 0:
@@ -142,6 +151,9 @@ class ProxyMiddleware:
         self.pool = pool or UpstreamPool()
         # slug -> epoch when the plugin is expected back (inf: not by itself); a state watcher keeps it current.
         self.unavailable: Mapping[str, float] = {} if unavailable is None else unavailable
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_pool(self.pool)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -236,7 +248,7 @@ class ProxyMiddleware:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
         request_id = client_request_id(scope["headers"]) or new_request_id()
         if scope["type"] == "http":
-            await send_error(
+            sent = await send_error(
                 send,
                 error.status,
                 error.error,
@@ -245,9 +257,9 @@ class ProxyMiddleware:
                 close=error.close_connection,
                 extra_headers=error.headers,
             )
-            log_access(request_id, scope, plugin, error.status, 0.0)
+            refusal(self.metrics, scope, plugin, request_id, error, bytes_out=sent)
         else:
-            await deny_websocket(scope, send, error, request_id, 0.0, plugin)
+            await deny_websocket(self, scope, send, error, request_id, 0.0, plugin)
 
     def upstream_target(self, scope: Scope, route: Route) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
@@ -309,6 +321,15 @@ class ProxyMiddleware:
         status = 0
         conn: Connection | None = None
         released = False
+        # What the access line and the metrics need (``_accesslog.finish_http``), kept in few locals:
+        # ``failure`` is (reason, error, aborted) once something went wrong.
+        received = sent = 0
+        ttfb: float | None = None
+        failure: Failure | None = None
+        info: RequestInfo | None = None
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.started += 1
         try:
             try:
                 http_version: str = scope.get("http_version", "1.1")
@@ -325,7 +346,7 @@ class ProxyMiddleware:
                         raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status = CLIENT_CLOSED
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     body: bytes = message.get("body", b"")
                     more: bool = message.get("more_body", False)
@@ -369,7 +390,7 @@ class ProxyMiddleware:
                         break  # the plugin answered early: stop sending, relay its answer
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
-                        status = CLIENT_CLOSED
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     chunk: bytes = message.get("body", b"")
                     last_chunk = not message.get("more_body", False)
@@ -396,6 +417,8 @@ class ProxyMiddleware:
                     if conn.client_gone or not whole or not _may_retry(conn, method):
                         raise
                     conn.abort()
+                    if metrics is not None:
+                        metrics.retried(route.plugin)
                     conn = await self.pool.connect(
                         route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                     )
@@ -406,6 +429,7 @@ class ProxyMiddleware:
                     while conn.head is None:
                         await conn.wait(timeout)
                 head = conn.head
+                ttfb = time.perf_counter() - started
                 fields = head.headers
                 if conn.secret_in_head:
                     fields = _drop_secret(fields, secret, route)
@@ -417,12 +441,12 @@ class ProxyMiddleware:
                 if conn is not None:
                     conn.abort()
                     if conn.client_gone:
-                        status = CLIENT_CLOSED
+                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
-                status = exc.status
+                status, failure = exc.status, (f"{exc.error}: {exc.detail}", exc, False)
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
-                await send_error(
+                sent = await send_error(
                     send,
                     exc.status,
                     exc.error,
@@ -447,14 +471,18 @@ class ProxyMiddleware:
                     if not more:
                         self.pool.release(conn)
                         released = True
+                    sent += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
             except ProxyError as exc:
-                logger.warning("aborted response %s: %s", request_id.decode(), exc.detail)
-                status = CLIENT_CLOSED if conn.client_gone else exc.status
+                # One event, one line: the access line says the client got ``status`` and an abort.
+                failure = _CLIENT_LEFT if conn.client_gone else (f"aborted: {exc.detail}", exc, True)
         finally:
             if conn is not None and not released:
                 conn.abort()
-            log_access(request_id, scope, route.plugin, status, started)
+            if metrics is not None or failure is not None or access_logger.isEnabledFor(logging.INFO):
+                finish_http(
+                    metrics, scope, route.plugin, request_id, status, started, received, sent, ttfb, failure, info
+                )
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message; 408 when the client stays silent for ``client_body_timeout``."""

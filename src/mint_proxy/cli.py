@@ -3,7 +3,7 @@
     mint-proxy serve --config config.dev.toml --port 8000 [--platform mint.platform:app]
     mint-proxy supervise config.dev.toml        # the plugins alone, as a service of their own
     mint-proxy status [--json]                  # what the supervisor reports
-    mint-proxy check config.dev.toml
+    mint-proxy check                            # $MINT_PROXY_CONFIG or config.dev.toml, like serve
     mint-proxy token peak-picking [--kid K]
     mint-proxy demo
 
@@ -24,10 +24,13 @@ from . import __version__
 from .devconfig import (
     CONFIG_ENV,
     KID_ENV,
+    LOG_FORMAT_ENV,
     SECRET_ENV,
     DevConfig,
     config_path_from_environ,
+    describe_routes,
     load_dev_config,
+    log_format_from_environ,
     runtime_dir_for,
 )
 from .errors import DevConfigError, MintProxyError
@@ -74,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="where requests matching no route go: an import string (mint.platform:app) or a URL (http://...)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help=f"the proxy's log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text)",
+    )
     serve.set_defaults(run=_serve)
 
     supervise = commands.add_parser("supervise", help="run the config's plugins without serving HTTP")
@@ -88,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
 
     check = commands.add_parser("check", help="validate a config file and print its routes")
-    check.add_argument("config", metavar="CONFIG", help="the config file to check")
+    check.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs="?",
+        help=f"the config file to check (default: ${CONFIG_ENV} or config.dev.toml)",
+    )
     check.set_defaults(run=_check)
 
     token = commands.add_parser("token", help="print an internal token for a plugin, to debug its callbacks")
@@ -131,8 +144,11 @@ def _serve(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     if args.config is not None:
         environ[CONFIG_ENV] = args.config
+    if args.log_format is not None:
+        environ[LOG_FORMAT_ENV] = args.log_format
     platform = None
     try:
+        log_format_from_environ(environ)
         load_dev_config(config_path_from_environ(environ), environ=environ)
         if secret := environ.get(SECRET_ENV):
             TokenIssuer(secret)
@@ -164,10 +180,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        config = load_dev_config(args.config)
+        config = load_dev_config(args.config or config_path_from_environ(os.environ))
     except DevConfigError as exc:
         return _error(str(exc))
     print(_describe(config))
+    if not len(config.routes):
+        print(f"mint-proxy: warning: {config.path}: {describe_routes(config.routes)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -176,8 +194,10 @@ def _describe(config: DevConfig) -> str:
     count = len(config.routes)
     summary = (
         f"{config.path}: OK, {count} route{'' if count == 1 else 's'}, "
-        f'mount_path "{config.mount_path}", retry_window {config.retry_window:g}s'
+        f'mount_path "{config.mount_path}", retry_window {config.retry_window:g}s, '
+        f'admin_path "{config.admin_path}"'
     )
+
     if not count:
         return summary
     header = ("prefix", "upstream", "plugin", "strip_prefix", "connect_timeout", "read_timeout", "max_body_bytes")

@@ -42,6 +42,8 @@ KID_ENV = "MINT_INTERNAL_TOKEN_KID"
 RUNTIME_DIR_ENV = "MINT_PROXY_RUNTIME_DIR"
 DEFAULT_CONFIG_PATH = "config.dev.toml"
 DEFAULT_RETRY_WINDOW = 2.0
+DEFAULT_ADMIN_PATH = "/_mint"
+LOG_FORMAT_ENV = "MINT_PROXY_LOG_FORMAT"
 
 # Route-table key -> (accepted TOML types, how to say it). Only types: values are Route's business.
 _ROUTE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -72,7 +74,7 @@ _PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 _RESTART_KEYS = ("backoff_initial", "backoff_max", "stable_after", "crash_limit", "crash_window")
 _SHARED_KEYS = ("app", "plugin")
-_SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir")
+_SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir", "admin_path")
 _TOP_LEVEL_KEYS = ("proxy", "settings", "shared")
 # sun_path holds 108 bytes on Linux (104 on macOS), the terminating NUL included.
 MAX_SOCKET_PATH_BYTES = 103 if os.uname().sysname == "Darwin" else 107
@@ -86,6 +88,7 @@ class DevConfig:
 
     ``mount_path`` is where the proxy sits (``""`` or e.g. ``"/api"``), and
     ``retry_window`` is how many seconds refused connections are retried.
+    ``admin_path`` is where the standalone app serves its admin views (``""``: nowhere).
     """
 
     path: str
@@ -99,6 +102,7 @@ class DevConfig:
     plugins: tuple[PluginSpec, ...] = ()
     #: ``[shared."/prefix"]``: plugins the platform mounts in-process.
     shared: tuple["SharedPlugin", ...] = ()
+    admin_path: str = DEFAULT_ADMIN_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,14 @@ class SharedPlugin:
 def config_path_from_environ(environ: Mapping[str, str]) -> str:
     """Return ``$MINT_PROXY_CONFIG``, or ``config.dev.toml`` when it is unset or empty."""
     return environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def log_format_from_environ(environ: Mapping[str, str]) -> str:
+    """Return ``$MINT_PROXY_LOG_FORMAT`` (``text`` or ``json``; default ``text``); ``DevConfigError`` otherwise."""
+    value = environ.get(LOG_FORMAT_ENV) or "text"
+    if value not in ("text", "json"):
+        raise DevConfigError(f"{LOG_FORMAT_ENV}={value!r}: must be 'text' or 'json'", key=LOG_FORMAT_ENV)
+    return value
 
 
 def secret_from_environ(environ: Mapping[str, str]) -> str | None:
@@ -216,14 +228,27 @@ def parse_dev_config(
         table = RouteTable(routes)
     except (ValueError, TypeError) as exc:  # duplicates cannot survive tomllib; kept for parity's sake
         raise DevConfigError(f"{path}: [proxy]: {exc}", path=path, key="[proxy]") from exc
+    mount_path = _mount_path(path, settings.get("mount_path", ""))
+    admin_path = _admin_path(path, settings.get("admin_path", DEFAULT_ADMIN_PATH))
+    if admin_path:
+        for route in routes:
+            claimed = mount_path + route.prefix
+            if claimed == admin_path or claimed.startswith(admin_path + "/") or admin_path.startswith(claimed + "/"):
+                _fail(
+                    path,
+                    _where(("proxy",), route.prefix),
+                    f"the route's path {claimed!r} overlaps the admin views at {admin_path!r} "
+                    "([settings] admin_path); choose another prefix, or move or empty admin_path",
+                )
     return DevConfig(
         path=path,
         routes=table,
-        mount_path=_mount_path(path, settings.get("mount_path", "")),
+        mount_path=mount_path,
         retry_window=_retry_window(path, settings.get("retry_window", DEFAULT_RETRY_WINDOW)),
         runtime_dir=runtime_dir,
         plugins=tuple(plugins),
         shared=shared,
+        admin_path=admin_path,
     )
 
 
@@ -426,6 +451,16 @@ def _mount_path(path: str, value: object) -> str:
         _fail(path, where, str(exc).removeprefix("mount_path "))
 
 
+def _admin_path(path: str, value: object) -> str:
+    where = _where(("settings",), "admin_path")
+    if not isinstance(value, str):
+        _fail(path, where, f'must be a string like "/_mint" ("" turns the admin views off), got {_kind(value)}')
+    try:
+        return check_mount_path(value)
+    except ValueError:
+        _fail(path, where, f"{value!r} must be \"\" or a path like \"/_mint\": a leading '/', no trailing '/'")
+
+
 def _retry_window(path: str, value: object) -> float:
     where = _where(("settings",), "retry_window")
     window = seconds(value)
@@ -485,7 +520,7 @@ class ConfigWatcher:
         interval: float = 1.0,
         logger: logging.Logger | None = None,
         environ: Mapping[str, str] | None = None,
-        on_reload: Callable[[DevConfig], object] | None = None,
+        on_reload: Callable[[DevConfig | None], object] | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
@@ -493,18 +528,18 @@ class ConfigWatcher:
         self.interval = interval
         self._routes = routes
         self._environ = environ
-        self._on_reload = on_reload
+        self._on_reload = on_reload  # called with the new config after a reload, None after a broken edit
         self._logger = logger or logging.getLogger("mint_proxy")
         self._signature = _signature(path)
         self._pending: tuple[int, int, int] | None | bool = False  # a new signature seen once (False: none)
         # Baseline for the restart warning: the settings the file holds now (best effort).
-        self._settings: tuple[str, float] | None = None
+        self._settings: tuple[str, float, str] | None = None
         try:
             config = load_dev_config(path, environ=environ)
         except DevConfigError:
             self._signature = None  # broken since the caller loaded it: the first check reports why
             return
-        self._settings = (config.mount_path, config.retry_window)
+        self._settings = (config.mount_path, config.retry_window, config.admin_path)
         if config.routes != routes:
             self._signature = None  # edited since the caller loaded it: reload on the first check
 
@@ -525,15 +560,22 @@ class ConfigWatcher:
             config = load_dev_config(self.path, environ=self._environ)
         except DevConfigError as exc:
             self._logger.error("%s; keeping the last good routes (%d)", exc, len(self._routes))
+            if self._on_reload is not None:
+                self._on_reload(None)
             return False
-        settings = (config.mount_path, config.retry_window)
+        settings = (config.mount_path, config.retry_window, config.admin_path)
         if self._settings is not None and settings != self._settings:
             self._logger.warning(
-                "%s: mount_path/retry_window changed; restart the proxy to apply them (routes apply now)", self.path
+                "%s: mount_path/retry_window/admin_path changed; restart the proxy to apply them (routes apply now)",
+                self.path,
             )
         self._settings = settings
         self._routes.replace(config.routes)
-        self._logger.info("reloaded %s: %d routes", self.path, len(config.routes))
+        count = len(config.routes)
+        if count:
+            self._logger.info("reloaded %s: %s", self.path, describe_routes(config.routes))
+        else:
+            self._logger.warning("reloaded %s: %s", self.path, describe_routes(config.routes))
         if self._on_reload is not None:
             self._on_reload(config)
         return True
@@ -546,6 +588,15 @@ class ConfigWatcher:
                 self.check()
             except Exception:
                 self._logger.exception("error while checking %s for changes", self.path)
+
+
+def describe_routes(routes: RouteTable) -> str:
+    """``"2 routes: /a -> http://..., /b -> unix:..."``, or the empty table's warning text."""
+    count = len(routes)
+    if not count:
+        return "no routes: every request will be answered 404; add routes under [proxy]"
+    listed = ", ".join(f"{route.prefix} -> {route.upstream}" for route in routes.routes())
+    return f"{count} route{'' if count == 1 else 's'}: {listed}"
 
 
 def _signature(path: str) -> tuple[int, int, int] | None:

@@ -3,6 +3,7 @@
     MintProxyError
     ├── DevConfigError            config.dev.toml is unreadable or invalid
     ├── InvalidInternalToken      an internal token failed verification
+    ├── RouteNotFound             RouteTable.remove of a prefix it does not hold (also a KeyError)
     └── ProxyError                a request cannot be proxied; carries the HTTP status
         ├── BadRequest                 400  the request is malformed or ambiguous
         ├── NotFound                   404  no route matches and there is no app behind the proxy
@@ -46,6 +47,17 @@ class InvalidInternalToken(MintProxyError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RouteNotFound(MintProxyError, KeyError):
+    """Raised by ``RouteTable.remove`` for a prefix the table does not hold; names the prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(f"no route for prefix {prefix!r}")
+        self.prefix = prefix
+
+    def __str__(self) -> str:  # KeyError would print the message's repr
+        return str(self.args[0])
 
 
 class ProxyError(MintProxyError):

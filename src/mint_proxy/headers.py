@@ -36,6 +36,7 @@ from .errors import BadRequest, HeadersTooLarge, LoopDetected
 from .routing import Route
 
 REQUEST_ID_HEADER = b"x-request-id"
+TRACEPARENT_HEADER = b"traceparent"
 INTERNAL_TOKEN_HEADER = b"x-mint-internal-token"
 
 HOP_BY_HOP = frozenset(
@@ -70,6 +71,10 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# W3C Trace Context §3.2: version-traceid-parentid-flags, lowercase hex; version ff, an all-zero
+# trace id or parent id are invalid; a future version may append fields after a '-'.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[ -~]*)?")
+_ZERO_TRACE = b"0" * 32
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])  # RFC 9110 field-value bytes, and tab
 _PLAIN_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-\n"  # lowercase names, newline-joined
@@ -122,12 +127,32 @@ def new_request_id() -> bytes:
 
 
 def client_request_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The client's ``X-Request-Id`` if it is acceptable (rule 8), else ``None``.
+    """The client's ``X-Request-Id`` if it is acceptable (rule 8), else its trace id, else ``None``.
 
     Used on the error path, where ``inspect_request`` raised before returning it.
     """
     values = [value for name, value in raw if name == REQUEST_ID_HEADER]
-    return values[0] if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]) else None
+    if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+        return values[0]
+    return trace_id(raw)
+
+
+def trace_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The trace id of the request's one valid W3C ``traceparent``, else ``None``.
+
+    The header itself (and ``tracestate``) is forwarded untouched either way; this only
+    reads it, so that a request without its own ``X-Request-Id`` takes the trace id as
+    its request id and the access log and the traces join.
+    """
+    values = [value for name, value in raw if name == TRACEPARENT_HEADER]
+    if len(values) != 1:
+        return None  # none, or several: the spec says to ignore them all (W3C Trace Context §3.2)
+    match = _TRACEPARENT.fullmatch(values[0])
+    if match is None or match[1] == b"ff" or match[2] == _ZERO_TRACE or match[3] == b"0" * 16:
+        return None
+    if match[1] == b"00" and match[4]:
+        return None  # version 00 has exactly four fields
+    return match[2]
 
 
 def _canonical(name: bytes) -> bytes:
@@ -153,6 +178,7 @@ class RequestInfo:
     host: bytes | None
     content_length: int | None
     chunked: bool
+    trace_id: bytes | None = None  # from a valid ``traceparent``
 
 
 def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_marker: bytes) -> RequestInfo:
@@ -185,7 +211,10 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
         host = value_list[name_list.index(b"host")]
         if not _HOST_VALUE.fullmatch(host):
             raise BadRequest("the Host header is not a host[:port]")
-        return RequestInfo(list(raw), new_request_id(), host, None, False)
+        if names.find(TRACEPARENT_HEADER) < 0:
+            return RequestInfo(list(raw), new_request_id(), host, None, False)
+        trace = trace_id(raw)
+        return RequestInfo(list(raw), trace or new_request_id(), host, None, False, trace)
 
     kept: list[tuple[bytes, bytes]] = []
     hosts: list[bytes] = []
@@ -246,8 +275,14 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
 
     valid = len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0])
     request_id = request_ids[0] if valid else None
+    trace = trace_id(raw) if names.find(TRACEPARENT_HEADER) >= 0 else None
     return RequestInfo(
-        kept, request_id or new_request_id(), hosts[0] if hosts else None, content_length, bool(encodings)
+        kept,
+        request_id or trace or new_request_id(),
+        hosts[0] if hosts else None,
+        content_length,
+        bool(encodings),
+        trace,
     )
 
 

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RouteNotFound
+
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 300.0
 # uvicorn's --ws-max-size default: the largest WebSocket message relayed in either direction.
@@ -227,6 +229,7 @@ class RouteTable:
         table.set("/lcms", "unix:/run/mint/lcms.sock", read_timeout=3600)
         table.remove("/peak-picking")
         table.replace([Route("/a", "http://127.0.0.1:9001")])
+        for route in table.routes(): print(route.prefix, route.upstream)
 
     Changes are atomic and never affect requests already in flight.
     """
@@ -261,12 +264,28 @@ class RouteTable:
             routes[route.prefix] = route
             self._swap(routes)
 
-    def remove(self, prefix: str) -> None:
-        """Remove the route for ``prefix``; raise ``KeyError`` if there is none."""
+    def remove(self, prefix: str) -> Route:
+        """Remove the route for ``prefix`` and return it.
+
+        Raise ``RouteNotFound`` (a ``KeyError`` and a ``MintProxyError``) naming the prefix
+        if there is none: removing a route that is not there is a caller's mistake (a typo,
+        or a double teardown) worth seeing; ``if prefix in table`` makes it a no-op.
+        """
         with self._writing:
             routes = dict(self._routes)
-            del routes[prefix]
+            try:
+                route = routes.pop(prefix)
+            except KeyError:
+                raise RouteNotFound(prefix) from None
             self._swap(routes)
+        return route
+
+    def routes(self) -> list[Route]:
+        """The routes in the table now, longest prefix first (the order requests are matched in).
+
+        One consistent snapshot: a change made meanwhile is either all in it or not at all.
+        """
+        return sorted(self._routes.values(), key=lambda route: (-len(route.prefix), route.prefix))
 
     def replace(self, routes: "RouteSource | RouteTable") -> None:
         """Swap in a whole new set of routes at once."""
