@@ -45,8 +45,8 @@ from mint_plugin.client import serve_in_process
 
 from .._respond import send_error
 from .._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
-from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
 from ..errors import MintProxyError
+from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
 from ..plugins.spec import SharedPlugin
 from ..routing import check_mount_path
 from ..tokens import TokenIssuer
