@@ -31,7 +31,7 @@ from mint_proxy.isolation import install, plan
 from mint_proxy.plugins import PluginState
 from mint_proxy.plugins.spec import SharedPlugin
 
-from .isolation_support import PLUGIN_APP, PlatformVenv, Wheelhouse
+from .isolation_support import PLUGIN_APP, PlatformVenv, Wheelhouse, _make_platform
 from .supervised import DEADLINE
 from .utils import SECRET, free_port, serve
 from .wheels import make_wheel
@@ -92,11 +92,13 @@ def check_plugin(url: str, slug: str, calls: list[tuple[str, str]]) -> None:
     assert calls[-1] == (slug, request_id)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def spec_file(
-    tmp_path: Path, fresh_platform: PlatformVenv, wheelhouse: Wheelhouse, uv_cache: Path
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Wheelhouse, uv_cache: Path
 ) -> tuple[Path, PlatformVenv]:
-    """Both plugins installed by the real flow into one spec file (mount_path /api)."""
+    """Both plugins installed by the real flow into one spec file (mount_path /api), once for the module."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    fresh_platform = _make_platform(tmp_path / "platform", wheelhouse)
     dist = tmp_path / "dist"
     fits, nxt = _wheel(dist, SHARED, "fakenum<2"), _wheel(dist, ISOLATED, "fakenum>=2")
     options = {"python": fresh_platform.python, "find_links": [wheelhouse.path]}
@@ -125,7 +127,7 @@ def platform_url(
     assert loaded.shared == (SharedPlugin(SHARED, "e2e_fits:app"),)
     (spec,) = loaded.plugins
     assert spec.slug == ISOLATED and spec.python is not None and Path(spec.python).parent.parent.parent.name == "venvs"
-    monkeypatch.syspath_prepend(str(_site_packages(platform_venv.python)))  # the shared plugin's home
+    monkeypatch.syspath_prepend(str(_site_packages(platform_venv.python)))  # where install put the shared plugin
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environ = {"MINT_PROXY_CONFIG": str(config), "MINT_INTERNAL_TOKEN_SECRET": SECRET, "MINT_PLATFORM_URL": url}
@@ -160,3 +162,36 @@ def test_shared_and_isolated_plugins_under_one_platform(
         time.sleep(0.02)  # polling the state file the supervisor rewrites on every change
     check_plugin(url, ISOLATED, calls)
     check_plugin(url, SHARED, calls)  # the shared plugin and the platform never noticed
+
+
+def _readme_block(first_line: str) -> str:
+    """The README's python code block that starts with ``first_line``."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for block in readme.split("```python\n")[1:]:
+        if block.startswith(first_line):
+            return block.split("```", 1)[0]
+    raise AssertionError(f"README.md has no python block starting with {first_line!r}")
+
+
+def test_the_readme_platform_serves_both_plugins(
+    spec_file: tuple[Path, PlatformVenv], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's lab.py, run as written against the spec file install wrote: the shared and
+    the isolated plugin answer under /api and call back with their own verified slug."""
+    config, platform_venv = spec_file
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for name, value in {"MINT_PROXY_CONFIG": str(config), "MINT_INTERNAL_TOKEN_SECRET": SECRET}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MINT_PLATFORM_URL", url)
+    monkeypatch.syspath_prepend(str(_site_packages(platform_venv.python)))
+    namespace: dict[str, object] = {"__name__": "lab"}
+    exec(compile(_readme_block("# lab.py"), "README.md (lab.py)", "exec"), namespace)
+    try:
+        with serve(namespace["app"], port=port, lifespan="on"):
+            for slug in (SHARED, ISOLATED):
+                response = httpx.get(f"{url}/api/{slug}/whoami", headers={"X-Request-Id": "readme.1"}, timeout=DEADLINE)
+                assert response.json() == {"plugin": slug, "request_id": "readme.1", "seen_request_id": "readme.1"}
+    finally:
+        mint_plugin.client.serve_in_process(None)
+        sys.modules.pop("e2e_fits", None)

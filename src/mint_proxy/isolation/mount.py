@@ -47,7 +47,7 @@ from .._respond import send_error
 from .._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ..errors import MintProxyError
 from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
-from ..plugins.spec import SharedPlugin
+from ..plugins.spec import SharedPlugin as SharedPlugin  # re-exported: the one shared-plugin type
 from ..routing import check_mount_path
 from ..tokens import TokenIssuer
 from ._lifespan import PluginLifespan
