@@ -90,20 +90,37 @@ class SharedPluginsMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start each plugin's lifespan with the platform's, and stop it with the platform's."""
         sessions = [PluginLifespan(plugin.slug, plugin.app) for plugin in self._plugins.values()]
+        asked = False  # the platform received lifespan.startup
 
         async def receive_with_plugins() -> Message:
+            nonlocal asked
             message = await receive()
             if message["type"] == "lifespan.startup":
-                for session in sessions:
-                    await session.start()
-                    if session.failed:
-                        self._failed.add(session.slug)
+                asked = True
+                await self._start(sessions)
             elif message["type"] == "lifespan.shutdown":
                 for session in reversed(sessions):
                     await session.stop()
             return message
 
         await self.app(scope, receive_with_plugins, send)
+        if asked or not sessions:
+            return
+        # The platform returned without speaking lifespan (``if scope["type"] != "http": return``):
+        # speak it for the plugins, whose startup and shutdown must still run.
+        await receive()  # lifespan.startup
+        await self._start(sessions)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        for session in reversed(sessions):
+            await session.stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _start(self, sessions: list[PluginLifespan]) -> None:
+        for session in sessions:
+            await session.start()
+            if session.failed:
+                self._failed.add(session.slug)
 
     def match(self, path: str) -> SharedPlugin | None:
         """The plugin whose prefix matches ``path`` at a segment boundary, longest first."""
