@@ -29,17 +29,33 @@ RUNTIME_DISTS = (
     "typing_extensions",
 )
 
+# A plugin whose ``.../whoami`` answers what the platform's /api/internal/whoami said about its
+# callback, plus the request id the plugin itself saw; any other path is a 404 (the readiness
+# probe's GET / must not need the platform, which is not serving yet while plugins start).
 PLUGIN_APP = """
+import json
+
+from mint_plugin import current_request
 from mint_plugin.client import PlatformClient
 
 
 async def app(scope, receive, send):
-    assert scope["type"] == "http"
-    async with PlatformClient() as platform:
-        answer = await platform.get("whoami")
-    await send({"type": "http.response.start", "status": answer.status_code,
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            done = "lifespan.startup.complete" if message["type"] == "lifespan.startup" else None
+            await send({"type": done or "lifespan.shutdown.complete"})
+            if done is None:
+                return
+    status, body = 404, {"error": "not_found"}
+    if scope["path"].endswith("/whoami"):
+        async with PlatformClient() as platform:
+            answer = await platform.get("whoami")
+        status, body = answer.status_code, answer.json()
+        body["seen_request_id"] = current_request.get().request_id
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": answer.content})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 """
 
 

@@ -184,3 +184,32 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+class SupervisedApp:
+    """``app`` served with ``supervisor`` running for the server's lifespan, in the server's loop.
+
+    Startup completes once every plugin settled (``PluginSupervisor.start``); a start
+    that raises fails the server's startup with its message.
+    """
+
+    def __init__(self, app: Any, supervisor: PluginSupervisor) -> None:
+        self.app = app
+        self.supervisor = supervisor
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        await receive()  # lifespan.startup
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await self.supervisor.start()
+        except Exception as exc:
+            await self.supervisor.stop()
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.supervisor.stop()
+        await send({"type": "lifespan.shutdown.complete"})

@@ -13,7 +13,6 @@ from mint_proxy.devconfig import (
     SECRET_ENV,
     ConfigWatcher,
     DevConfig,
-    SharedPlugin,
     config_path_from_environ,
     load_dev_config,
     parse_dev_config,
@@ -21,7 +20,7 @@ from mint_proxy.devconfig import (
 )
 from mint_proxy.errors import DevConfigError, MintProxyError
 from mint_proxy.plugins.runtime import default_runtime_dir
-from mint_proxy.plugins.spec import PluginSpec, RestartPolicy
+from mint_proxy.plugins.spec import PluginSpec, RestartPolicy, SharedPlugin
 from mint_proxy.routing import Route, RouteTable
 
 PATH = "conf/config.dev.toml"
@@ -684,8 +683,13 @@ def test_runtime_dir(settings: str, environ: dict[str, str], expected: str) -> N
 
 def test_shared_table() -> None:
     config = parse_plugins('[shared."/notes"]\napp = "notes.app:app"\n[shared."/x"]\napp = "x:app"\nplugin = "x-ray"\n')
-    assert config.shared == (SharedPlugin("/notes", "notes.app:app", "notes"), SharedPlugin("/x", "x:app", "x-ray"))
+    assert config.shared == (SharedPlugin("notes", "notes.app:app"), SharedPlugin("x-ray", "x:app", prefix="/x"))
     assert len(config.routes) == 0  # the proxy does not route shared plugins
+
+
+def test_shared_strip_prefix() -> None:
+    config = parse_plugins('[shared."/n"]\napp = "n:app"\nstrip_prefix = true\n')
+    assert config.shared == (SharedPlugin("n", "n:app", strip_prefix=True),)
 
 
 PLUGIN_INVALID = [
@@ -739,6 +743,12 @@ PLUGIN_INVALID = [
     ),
     pytest.param('[shared."/n"]\nplugin = "n"\n', '[shared."/n"]', "missing required key app", id="shared-no-app"),
     pytest.param('[shared."/n"]\napp = "n:a"\nurl = "x"\n', '[shared."/n"].url', "unknown key", id="shared-key"),
+    pytest.param(
+        '[shared."/n"]\napp = "n:a"\nstrip_prefix = 1\n',
+        '[shared."/n"].strip_prefix',
+        "true or false",
+        id="shared-strip-type",
+    ),  # fmt: skip
     pytest.param('[shared]\n"/n" = "n:app"\n', '[shared]."/n"', "must be a table", id="shared-short"),
     pytest.param(
         '[shared."/n"]\napp = "n:a"\n[proxy]\n"/n" = "http://h"\n', '[shared."/n"]', "shared or isolated", id="both"

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 
 from mint_plugin import current_request
 from mint_proxy import verify_internal_token
-from mint_proxy.isolation import SharedPlugin, SharedPluginsMiddleware
-from mint_proxy.isolation.mount import shared_plugin
+from mint_proxy.isolation import SharedPlugin, SharedPluginImportError, SharedPluginsMiddleware
 from mint_proxy.tokens import TokenIssuer
 
 from .utils import SECRET, serve
@@ -42,6 +41,9 @@ def _plugin_app(*, debug: bool = False, base: str = "/api/crashy") -> FastAPI:
         return JSONResponse({"busy": True}, status_code=503)
 
     return plugin
+
+
+IMPORTED = _plugin_app()  # named by an import string below
 
 
 def _platform() -> FastAPI:
@@ -147,16 +149,30 @@ async def test_strip_prefix_moves_the_prefix_into_root_path() -> None:
         assert (await client.get("/api/strip/ok")).json() == {"root_path": "/api/strip"}
 
 
-def test_shared_plugin_from_an_import_string() -> None:
-    """``"module:attr"`` is imported, as the spec file's ``app`` key names it."""
-    plugin = shared_plugin("paths", "os.path:join")
-    assert plugin.prefix == "/paths" and callable(plugin.app)
+@pytest.mark.anyio
+async def test_shared_plugin_from_an_import_string() -> None:
+    """``"module:attr"`` (the spec file's ``app`` key) is imported when the middleware is built, and served."""
+    app = SharedPluginsMiddleware(
+        _platform(), plugins=[SharedPlugin(SLUG, "tests.test_mount:IMPORTED")], mount_path="/api", register_client=False
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get(f"/api/{SLUG}/ok")
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("target", ["no_such_module_xyz:app", "os.path:no_such_attr", "os:sep"])
+def test_an_import_string_that_names_no_app_is_a_clear_error(target: str) -> None:
+    """A missing module, a missing attribute or a non-callable is refused naming the plugin and the string."""
+    with pytest.raises(SharedPluginImportError, match=f"shared plugin 'broken': .*{target}"):
+        SharedPluginsMiddleware(_platform(), plugins=[SharedPlugin("broken", target)], register_client=False)
 
 
 def test_invalid_slug_and_duplicate_prefix_are_refused() -> None:
     """A bad slug or two plugins on one prefix are refused when the middleware is built."""
     with pytest.raises(ValueError, match="not valid"):
         SharedPlugin("Bad Slug", _plugin_app())
+    with pytest.raises(TypeError, match="import string"):
+        SharedPlugin("no-app", 42)
     with pytest.raises(ValueError, match="two shared plugins"):
         SharedPluginsMiddleware(
             _platform(), plugins=[SharedPlugin("a", _plugin_app()), SharedPlugin("b", _plugin_app(), prefix="/a")],

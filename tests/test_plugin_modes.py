@@ -4,17 +4,14 @@ The plugin (``echo_plugin``, a real wheel) answers with what the platform's
 ``/api/internal/whoami`` said about the call: which plugin the verified internal token
 names, and the request id the call carried. Shared: the plugin is mounted in-process
 and the client goes through httpx's ASGI transport. Isolated: the plugin runs in its
-own provisioned venv in a subprocess on a Unix socket behind ProxyMiddleware, and the
-client calls back over HTTP to ``MINT_PLATFORM_URL``. The platform checks the token
+own provisioned venv, served by the real plugin host (``mint_plugin/host.py``) that the
+real ``PluginSupervisor`` starts on a Unix socket behind ProxyMiddleware, and the client
+calls back over HTTP to the ``MINT_PLATFORM_URL`` the supervisor gives it. The platform checks the token
 with ``InternalTokenAuth`` in both.
 """
 
 import contextlib
 import importlib.util
-import os
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,13 +26,14 @@ from mint_proxy.isolation import SharedPlugin, SharedPluginsMiddleware, provisio
 from mint_proxy.isolation._uv import Sources, Uv
 from mint_proxy.isolation.platform import inspect_platform
 from mint_proxy.isolation.wheels import read_wheel
+from mint_proxy.plugins import PluginSpec, PluginState, PluginSupervisor
 
 from .isolation_support import PLUGIN_APP, Wheelhouse
-from .utils import SECRET, serve
+from .supervised import DEADLINE, SupervisedApp, short_tempdir
+from .utils import SECRET, free_port, serve
 from .wheels import make_wheel
 
 SLUG = "echo-plugin"
-MINI_HOST = Path(__file__).with_name("_mini_host.py")
 
 
 def _platform_app() -> FastAPI:
@@ -57,18 +55,6 @@ def echo_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
 
 
-def _wait_for_socket(path: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the plugin exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
-            probe.connect(path)
-            return
-        time.sleep(0.01)
-    raise RuntimeError("the plugin did not listen within 30 s")
-
-
 @pytest.fixture(scope="module")
 def echo_python(
     echo_wheel: Path, wheelhouse: Wheelhouse, uv_cache: Path, tmp_path_factory: pytest.TempPathFactory
@@ -80,23 +66,22 @@ def echo_python(
 
 
 @contextlib.contextmanager
-def _isolated(python: Path, tmp_path: Path) -> Iterator[str]:
-    sock = str(tmp_path / f"{SLUG}.sock")
-    proxy = ProxyMiddleware(
-        _platform_app(), routes={f"/{SLUG}": f"unix:{sock}"}, tokens=TokenIssuer(SECRET), mount_path="/api"
-    )
-    with serve(proxy) as platform:
-        clean = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", "MINT_PLUGIN_SLUG": SLUG}
-        process = subprocess.Popen(
-            [str(python), str(MINI_HOST), "echo_plugin:app", sock],
-            env={**clean, "MINT_PLATFORM_URL": platform.url},
+def _isolated(python: Path) -> Iterator[str]:
+    """The platform behind the proxy, the echo plugin run from its venv by the real host and supervisor."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with short_tempdir() as runtime_dir:
+        spec = PluginSpec(SLUG, app="echo_plugin:app", python=str(python), startup_timeout=DEADLINE)
+        supervisor = PluginSupervisor([spec], runtime_dir=runtime_dir, platform_url=url)
+        proxy = ProxyMiddleware(
+            _platform_app(),
+            routes={f"/{SLUG}": f"unix:{spec.socket_path(runtime_dir)}"},
+            tokens=TokenIssuer(SECRET),
+            mount_path="/api",
         )
-        try:
-            _wait_for_socket(sock, process)
-            yield platform.url
-        finally:
-            process.terminate()
-            process.wait(10)
+        with serve(SupervisedApp(proxy, supervisor), port=port, lifespan="on"):
+            assert supervisor.status()[SLUG].state is PluginState.READY
+            yield url
 
 
 @contextlib.contextmanager
@@ -123,7 +108,7 @@ def plugin_url(request: pytest.FixtureRequest, echo_wheel: Path, tmp_path: Path)
     """The platform's URL with the echo plugin behind it, in each mode."""
     if request.param == "isolated":
         python: Path = request.getfixturevalue("echo_python")
-        with _isolated(python, tmp_path) as url:
+        with _isolated(python) as url:
             yield url
     else:
         with _shared(echo_wheel, tmp_path) as url:
@@ -142,8 +127,9 @@ def test_plugin_calls_the_platform_with_its_own_token(plugin_url: str) -> None:
 
 
 def test_the_client_request_id_reaches_the_platform_callback(plugin_url: str) -> None:
-    """The request id the client sent is the one the plugin's callback carries, and the one returned."""
+    """The request id the client sent is the one the plugin sees, its callback carries, and the one returned."""
     response = _get(plugin_url, headers={"X-Request-Id": "trace-42.a"})
+    assert response.json()["seen_request_id"] == "trace-42.a"
     assert response.json()["request_id"] == "trace-42.a"
     assert response.headers["x-request-id"] == "trace-42.a"
 

@@ -19,7 +19,10 @@ mounts, and runs one loop that polls three things every ``POLL_INTERVAL``:
 Internal tokens are signed with ``$MINT_INTERNAL_TOKEN_SECRET``; without it, with a
 secret generated once into the runtime dir (0600) that every worker reads, so a
 token minted in one worker verifies in another. ``$MINT_INTERNAL_TOKEN_KID`` sets
-the tokens' ``kid``. A broken config makes startup fail with the ``DevConfigError``
+the tokens' ``kid``. With a platform, the config's ``[shared."/prefix"]`` plugins are
+mounted in-process in front of it (``SharedPluginsMiddleware``, their lifespans run with
+the platform's), while the supervisor runs the ``[proxy]`` ones: one spec file, both
+modes, URLs of one shape. A broken config makes startup fail with the ``DevConfigError``
 message, so uvicorn exits non-zero showing it.
 
 Startup logs which file was loaded and which routes are active (a WARNING when
@@ -137,6 +140,7 @@ class DevProxyApp:
             raise MintProxyError(f"{name}: {exc}") from None
         platform = self._platform if self._platform is not None else environ.get(PLATFORM_ENV) or None
         app = platform_app(platform) if isinstance(platform, str) else platform
+        app = _mount_shared(app, config, issuer)
         self.state = StateWatcher(runtime_dir)
         self.state.check()
         plugin_status = self._plugin_status or self._statuses
@@ -272,6 +276,8 @@ class DevProxyApp:
         if config is None:
             return
         previous, self.config = self.config, config
+        if previous is not None and previous.shared != config.shared:
+            logger.warning("%s: [shared] plugins changed; restart the platform to mount them", config.path)
         if previous is not None and previous.runtime_dir != config.runtime_dir:
             logger.warning("%s: runtime_dir changed; restart the proxy to apply it", config.path)
             self.config = dataclasses.replace(config, runtime_dir=previous.runtime_dir)
@@ -311,6 +317,28 @@ class DevProxyApp:
                 await self._elect()
             except Exception:
                 logger.exception("error while polling the config, plugin state and supervisor lock")
+
+
+def _mount_shared(app: ASGIApp | None, config: DevConfig, issuer: TokenIssuer) -> ASGIApp | None:
+    """The platform with the config's shared plugins mounted in front of it, in this process."""
+    if not config.shared:
+        return app
+    slugs = ", ".join(plugin.slug for plugin in config.shared)
+    if app is None:
+        logger.warning(
+            "%s: [shared] plugins (%s) run inside the platform and are not mounted: give a platform (--platform or %s)",
+            config.path,
+            slugs,
+            PLATFORM_ENV,
+        )
+        return None
+    try:
+        from .isolation.mount import SharedPluginsMiddleware
+    except ImportError as exc:
+        raise MintProxyError(
+            f"{config.path}: [shared] plugins ({slugs}) need {exc.name}: pip install 'mint-proxy[isolation]'"
+        ) from None
+    return SharedPluginsMiddleware(app, plugins=config.shared, tokens=issuer, mount_path=config.mount_path)
 
 
 def _show_access_log(log_format: str = "text") -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import DevConfigError
-from .plugins.spec import PluginSpec, RestartPolicy, check_slug
+from .plugins.spec import PluginSpec, RestartPolicy, SharedPlugin, check_slug
 from .routing import Route, RouteTable, Upstream, check_mount_path, seconds
 
 CONFIG_ENV = "MINT_PROXY_CONFIG"
@@ -73,7 +73,7 @@ _PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "crash_window": _NUMBER,
 }
 _RESTART_KEYS = ("backoff_initial", "backoff_max", "stable_after", "crash_limit", "crash_window")
-_SHARED_KEYS = ("app", "plugin")
+_SHARED_KEYS = ("app", "plugin", "strip_prefix")
 _SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir", "admin_path")
 _TOP_LEVEL_KEYS = ("proxy", "settings", "shared")
 # sun_path holds 108 bytes on Linux (104 on macOS), the terminating NUL included.
@@ -100,18 +100,9 @@ class DevConfig:
     runtime_dir: str = ""
     #: The supervised plugins (table-form routes with ``app`` or ``command``), in file order.
     plugins: tuple[PluginSpec, ...] = ()
-    #: ``[shared."/prefix"]``: plugins the platform mounts in-process.
-    shared: tuple["SharedPlugin", ...] = ()
+    #: ``[shared."/prefix"]``: plugins the platform mounts in-process (``app`` is an import string).
+    shared: tuple[SharedPlugin, ...] = ()
     admin_path: str = DEFAULT_ADMIN_PATH
-
-
-@dataclass(frozen=True, slots=True)
-class SharedPlugin:
-    """A ``[shared."/prefix"]`` entry: an ASGI app the platform mounts in-process at ``prefix``."""
-
-    prefix: str
-    app: str
-    plugin: str
 
 
 def config_path_from_environ(environ: Mapping[str, str]) -> str:
@@ -380,7 +371,7 @@ def _restart_policy(path: str, table: tuple[str, ...], entry: dict[str, Any]) ->
 
 
 def _shared(path: str, shared: dict[str, Any], proxy: dict[str, Any]) -> tuple[SharedPlugin, ...]:
-    """``[shared."/prefix"]`` tables: ``app`` (required) and ``plugin``."""
+    """``[shared."/prefix"]`` tables: ``app`` (required), ``plugin`` and ``strip_prefix``."""
     found: list[SharedPlugin] = []
     for prefix, entry in shared.items():
         table = ("shared", prefix)
@@ -388,8 +379,12 @@ def _shared(path: str, shared: dict[str, Any], proxy: dict[str, Any]) -> tuple[S
             _fail(path, _where(("shared",), prefix), f'must be a table with app = "module:app", got {_kind(entry)}')
         for key, value in entry.items():
             if key not in _SHARED_KEYS:
-                _fail(path, _where(table, key), f"unknown key{_did_you_mean(key, _SHARED_KEYS)}; allowed: app, plugin")
-            if not isinstance(value, str) or not value:
+                allowed = ", ".join(_SHARED_KEYS)
+                _fail(path, _where(table, key), f"unknown key{_did_you_mean(key, _SHARED_KEYS)}; allowed: {allowed}")
+            if key == "strip_prefix":
+                if not isinstance(value, bool):
+                    _fail(path, _where(table, key), f"must be true or false, got {_kind(value)}")
+            elif not isinstance(value, str) or not value:
                 _fail(path, _where(table, key), f"must be a non-empty string, got {_kind(value)}")
         if "app" not in entry:
             _fail(path, _where(table), 'missing required key app; add app = "package.module:app"')
@@ -406,7 +401,7 @@ def _shared(path: str, shared: dict[str, Any], proxy: dict[str, Any]) -> tuple[S
             check_slug(plugin)
         except ValueError as exc:
             _fail(path, _where(table, "plugin" if "plugin" in entry else None), str(exc))
-        found.append(SharedPlugin(prefix=prefix, app=entry["app"], plugin=plugin))
+        found.append(SharedPlugin(plugin, entry["app"], prefix, entry.get("strip_prefix", False)))
     return tuple(found)
 
 

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
         WheelError as WheelError,
     )
     from .flow import Installed as Installed, install as install, plan as plan, recheck as recheck
-    from .mount import SharedPlugin as SharedPlugin, SharedPluginsMiddleware as SharedPluginsMiddleware
+    from .mount import (
+        SharedPlugin as SharedPlugin,
+        SharedPluginImportError as SharedPluginImportError,
+        SharedPluginsMiddleware as SharedPluginsMiddleware,
+    )
     from .overrides import Overrides as Overrides, load_overrides as load_overrides
     from .platform import PlatformEnv as PlatformEnv, inspect_platform as inspect_platform
     from .wheels import PluginWheel as PluginWheel, read_wheel as read_wheel
@@ -45,6 +49,7 @@ _WHERE = {
     "PluginEnv": "envs",
     "PluginWheel": "wheels",
     "SharedPlugin": "mount",
+    "SharedPluginImportError": "mount",
     "SharedPluginsMiddleware": "mount",
     "UnsatisfiableRequirement": "errors",
     "UvMissing": "errors",

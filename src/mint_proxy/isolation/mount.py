@@ -4,7 +4,7 @@
 
     platform.add_middleware(
         SharedPluginsMiddleware,
-        plugins=[SharedPlugin("peak-picking", peak_picking_app)],
+        plugins=[SharedPlugin("peak-picking", "peak_picking:app")],  # or the app object
         tokens=TokenIssuer(secret),
         mount_path="/api",
     )
@@ -29,14 +29,18 @@ Plugin lifespans run with the platform's (startup, shutdown), as the plugin host
 in isolated mode; a plugin whose startup fails answers 503 ``plugin_unavailable``. Each
 plugin has its own lifespan ``state``, and its requests see a copy of it, not the platform's.
 
+``SharedPlugin`` is the one type for a shared plugin (``mint_proxy.plugins.spec``): the
+dev config's ``[shared."/prefix"]`` tables parse into it, with ``app`` as an import
+string that the middleware imports when it is built.
+
 The middleware also registers the platform with ``mint_plugin.client`` so shared
 plugins call ``/api/internal`` in-process; those calls carry the platform's lifespan
 state, as calls over HTTP do.
 """
 
+import importlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from mint_plugin import RequestContext, current_request
@@ -44,9 +48,10 @@ from mint_plugin.client import serve_in_process
 
 from .._respond import send_error
 from .._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from ..errors import MintProxyError
 from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
-from ..plugins.spec import check_slug
-from ..routing import _check_prefix, check_mount_path
+from ..plugins.spec import SharedPlugin as SharedPlugin  # re-exported: the one shared-plugin type
+from ..routing import check_mount_path
 from ..tokens import TokenIssuer
 from ._lifespan import PluginLifespan
 
@@ -57,18 +62,8 @@ HOLD_LIMIT = 64 * 1024
 _OWNED = frozenset({REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
 
 
-@dataclass(frozen=True)
-class SharedPlugin:
-    """A plugin served in-process: its slug, its ASGI app, its prefix (default ``/<slug>``)."""
-
-    slug: str
-    app: ASGIApp
-    prefix: str = ""
-    strip_prefix: bool = False
-
-    def __post_init__(self) -> None:
-        check_slug(self.slug)
-        object.__setattr__(self, "prefix", _check_prefix(self.prefix or f"/{self.slug}"))
+class SharedPluginImportError(MintProxyError):
+    """Raised when a shared plugin's ``app`` import string does not name an importable object."""
 
 
 class SharedPluginsMiddleware:
@@ -87,7 +82,7 @@ class SharedPluginsMiddleware:
         self.mount_path = check_mount_path(mount_path)
         self.tokens = tokens
         self._plugins: dict[str, SharedPlugin] = {}
-        for plugin in plugins:
+        for plugin in map(_resolved, plugins):
             if plugin.prefix in self._plugins:
                 raise ValueError(f"two shared plugins have the prefix {plugin.prefix!r}")
             self._plugins[plugin.prefix] = plugin
@@ -104,20 +99,37 @@ class SharedPluginsMiddleware:
         sessions = [
             PluginLifespan(plugin.slug, plugin.app, self._states[plugin.slug]) for plugin in self._plugins.values()
         ]
+        asked = False  # the platform received lifespan.startup
 
         async def receive_with_plugins() -> Message:
+            nonlocal asked
             message = await receive()
             if message["type"] == "lifespan.startup":
-                for session in sessions:
-                    await session.start()
-                    if session.failed:
-                        self._failed.add(session.slug)
+                asked = True
+                await self._start(sessions)
             elif message["type"] == "lifespan.shutdown":
                 for session in reversed(sessions):
                     await session.stop()
             return message
 
         await self.app(scope, receive_with_plugins, send)
+        if asked or not sessions:
+            return
+        # The platform returned without speaking lifespan (``if scope["type"] != "http": return``):
+        # speak it for the plugins, whose startup and shutdown must still run.
+        await receive()  # lifespan.startup
+        await self._start(sessions)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        for session in reversed(sessions):
+            await session.stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _start(self, sessions: list[PluginLifespan]) -> None:
+        for session in sessions:
+            await session.start()
+            if session.failed:
+                self._failed.add(session.slug)
 
     async def _serve_in_process(self, scope: Scope, receive: Receive, send: Send) -> None:
         """What ``mint_plugin.client`` calls in-process: this app, with a copy of the platform's
@@ -238,14 +250,17 @@ async def _serve_websocket(plugin: SharedPlugin, scope: Scope, receive: Receive,
         await send({"type": "websocket.close", "code": 1011 if accepted else 1008, "reason": ""})
 
 
-def shared_plugin(slug: str, app: Any, **options: Any) -> SharedPlugin:
-    """``SharedPlugin`` from an ASGI app object or an import string ``"module:attr"``."""
-    if isinstance(app, str):
-        import importlib
-
-        module, _, attr = app.partition(":")
-        target: Any = importlib.import_module(module)
+def _resolved(plugin: SharedPlugin) -> SharedPlugin:
+    """``plugin`` with its ``app`` import string (``"module:attr.attr"``) replaced by the object."""
+    if not isinstance(plugin.app, str):
+        return plugin
+    module, _, attr = plugin.app.partition(":")
+    try:
+        target: object = importlib.import_module(module)
         for part in (attr or "app").split("."):
             target = getattr(target, part)
-        app = target
-    return SharedPlugin(slug, app, **options)
+    except (ImportError, AttributeError) as exc:
+        raise SharedPluginImportError(f"shared plugin {plugin.slug!r}: cannot import {plugin.app!r}: {exc}") from None
+    if not callable(target):
+        raise SharedPluginImportError(f"shared plugin {plugin.slug!r}: {plugin.app!r} is not an ASGI app")
+    return SharedPlugin(plugin.slug, target, plugin.prefix, plugin.strip_prefix)

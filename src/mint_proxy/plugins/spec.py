@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..routing import _check_prefix
+
 DEFAULT_STARTUP_TIMEOUT = 60.0  # scientific stacks import slowly
 DEFAULT_STOP_TIMEOUT = 10.0
 
@@ -105,6 +107,27 @@ class PluginSpec:
     def socket_path(self, runtime_dir: str | os.PathLike[str]) -> str:
         """The Unix socket this plugin listens on: ``<runtime_dir>/<slug>.sock``."""
         return os.path.join(os.fspath(runtime_dir), f"{self.slug}.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPlugin:
+    """A plugin the platform mounts in-process (shared mode): its slug, ASGI app and prefix.
+
+    ``app`` is the ASGI app itself or an import string (``"peak_picking:app"``, what a
+    ``[shared."/prefix"]`` table holds); ``SharedPluginsMiddleware`` imports it when it is
+    built, in the platform's process. ``prefix`` defaults to ``/<slug>``, under the mount path.
+    """
+
+    slug: str
+    app: Any
+    prefix: str = ""
+    strip_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        check_slug(self.slug)
+        object.__setattr__(self, "prefix", _check_prefix(self.prefix or f"/{self.slug}"))
+        if not (isinstance(self.app, str) and self.app) and not callable(self.app):
+            raise TypeError(f"plugin {self.slug!r}: app must be an ASGI app or an import string 'module:attr'")
 
 
 class PluginState(enum.StrEnum):
