@@ -4,6 +4,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -325,7 +326,13 @@ def demo() -> Iterator[dict[str, str]]:
         words = [word.strip("'") for line in printed for word in line.split()]
         urls = [word for word in words if word.startswith(("http://", "ws://"))]
         runtime_dir = words[words.index("--runtime-dir") + 1]
-        yield {"proxy": urls[0], "runtime_dir": runtime_dir, **{urlsplit(url).path: url for url in urls[1:]}}
+        (websocket_command,) = [line.strip() for line in printed if "ws://" in line]
+        yield {
+            "proxy": urls[0],
+            "runtime_dir": runtime_dir,
+            "websocket_command": websocket_command,
+            **{urlsplit(url).path: url for url in urls[1:]},
+        }
     finally:
         assert child.stop() == 0, "".join(child.seen)
 
@@ -339,6 +346,7 @@ def test_demo_prints_the_urls_to_try(demo: dict[str, str]) -> None:
         "/api/peak-picking/run",
         "proxy",
         "runtime_dir",
+        "websocket_command",
     ]
 
 
@@ -408,6 +416,15 @@ def test_demo_websocket_echoes_through_the_proxy(demo: dict[str, str]) -> None:
         assert websocket.recv(timeout=10) == "hello"
         websocket.send(b"\x00\x01")
         assert websocket.recv(timeout=10) == b"\x00\x01"
+
+
+def test_demo_websocket_command_works_as_printed_outside_the_venv(demo: dict[str, str]) -> None:
+    """The printed WebSocket client command runs from a shell whose PATH has no venv in it."""
+    environ = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
+    done = subprocess.run(
+        shlex.split(demo["websocket_command"]), input="hello\n", capture_output=True, text=True, env=environ, timeout=30
+    )
+    assert done.returncode == 0 and "Connected to ws://" in done.stdout, (done.stdout, done.stderr)
 
 
 def test_demo_on_a_busy_port_suggests_another(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -217,6 +218,7 @@ def _print_ready(port: int, config_path: str) -> None:
     print(f"  curl -s -X POST --data-binary @{config_path} {base}/peak-picking/run")
     print(f"  curl -sN {base}/peak-picking/events")
     print(f"  curl -s {base}/lcms-sequence/status")
-    print(f"  python -m websockets ws://{HOST}:{port}/api/lcms-sequence/ws")
+    # This interpreter, not whatever `python` is on PATH: websockets is installed here.
+    print(f"  {shlex.quote(sys.executable)} -m websockets ws://{HOST}:{port}/api/lcms-sequence/ws")
     print(f"  mint-proxy status --runtime-dir {os.path.join(os.path.dirname(config_path), 'rt')}")
     print("Ctrl-C to stop.", flush=True)
