@@ -19,7 +19,7 @@ through ``inspect_request`` once. That single pass:
 * keeps everything else exactly as sent, ``Authorization``, ``Cookie`` and
   ``Host`` included, in order, duplicates included.
 
-The proxy's own headers are appended afterwards (``ProxyMiddleware.proxy_lines``),
+The proxy's own headers are appended afterwards (``_forward.Forward.fields``),
 so no ``Connection`` token can remove them. Response headers go through
 ``filter_response``: hop-by-hop and framing headers, and any internal token,
 are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
@@ -295,39 +295,34 @@ def _via_names(value: bytes, marker: bytes) -> bool:
     return False
 
 
-_PROTO_LINES = {
-    "http": b"x-forwarded-proto: http\r\n",
-    "https": b"x-forwarded-proto: https\r\n",
-    "ws": b"x-forwarded-proto: http\r\n",
-    "wss": b"x-forwarded-proto: https\r\n",
+_PROTO_FIELDS = {
+    "http": (b"x-forwarded-proto", b"http"),
+    "https": (b"x-forwarded-proto", b"https"),
+    "ws": (b"x-forwarded-proto", b"http"),
+    "wss": (b"x-forwarded-proto", b"https"),
 }
 
 
-def forwarded_lines(info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str) -> bytes:
-    """The ``X-Forwarded-*`` field lines, built only from the ASGI scope (never from client headers).
+def forwarded_fields(
+    info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str
+) -> list[tuple[bytes, bytes]]:
+    """The ``X-Forwarded-*`` fields, built only from the ASGI scope (never from client headers).
 
     The ASGI server decides which upstream proxies to trust (uvicorn's
     ``--forwarded-allow-ips``) and has already put the result in the scope.
-    Each line ends in CRLF; ``field_lines``/``parse_field_lines`` convert.
     """
-    lines = _PROTO_LINES.get(scheme) or b"x-forwarded-proto: %s\r\n" % scheme.encode("latin-1")
-    if client:
-        lines = b"x-forwarded-for: %s\r\n%s" % (client[0].encode("latin-1"), lines)
+    proto = _PROTO_FIELDS.get(scheme) or (b"x-forwarded-proto", scheme.encode("latin-1"))
+    fields = [(b"x-forwarded-for", client[0].encode("latin-1")), proto] if client else [proto]
     if info.host is not None:
-        lines += b"x-forwarded-host: %s\r\n" % info.host
+        fields.append((b"x-forwarded-host", info.host))
     if forwarded_prefix:
-        lines += b"x-forwarded-prefix: %s\r\n" % forwarded_prefix.encode("latin-1")
-    return lines
+        fields.append((b"x-forwarded-prefix", forwarded_prefix.encode("latin-1")))
+    return fields
 
 
 def field_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     """``name: value`` CRLF for each header, as they go on the wire."""
     return b"".join([b"%s: %s\r\n" % field for field in headers])
-
-
-def parse_field_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
-    """The inverse of ``field_lines`` (for lines this module built: no folding, no stray CRLF)."""
-    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n") if line)]
 
 
 def via_value(http_version: str, pseudonym: bytes) -> bytes:
