@@ -10,6 +10,7 @@
 
 from ._accesslog import enable_access_log
 from ._app import DevProxyApp
+from ._names import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
 from ._upstream import UpstreamPool
 from .admin import AdminApp
 from .asgi import ProxyMiddleware
@@ -37,7 +38,6 @@ from .errors import (
 from .metrics import ProxyMetrics
 from .routing import Route, RouteTable, Upstream
 from .tokens import (
-    INTERNAL_TOKEN_HEADER,
     InternalTokenAuth,
     InternalTokenClaims,
     TokenIssuer,
@@ -45,8 +45,6 @@ from .tokens import (
 )
 
 __version__ = "0.1.0"
-
-REQUEST_ID_HEADER = "X-Request-Id"
 
 # The standalone app: `uvicorn mint_proxy:app`. Building it reads nothing; it loads at startup.
 app = DevProxyApp()

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from ._types import RawHeaders, Scope
 from .errors import BadRequest, URITooLong
-from .headers import RequestInfo, _keep_only, forwarded_fields, via_value
+from .headers import INTERNAL_TOKEN_FIELD, REQUEST_ID_FIELD, RequestInfo, _keep_only, forwarded_fields, via_value
 from .routing import Route
 from .tokens import TokenIssuer
 
@@ -70,7 +70,7 @@ class Forward:
         self.via_marker = via.marker  # a request whose Via carries it has looped through this proxy
         self._tokens = tokens
         self._token: str | None = None
-        self.token_field = (b"x-mint-internal-token", b"")
+        self.token_field = (INTERNAL_TOKEN_FIELD, b"")
         self.secret = b""  # the token as bytes, looked for in the plugin's response head
 
     def target(self, scope: Scope) -> bytes:
@@ -104,12 +104,12 @@ class Forward:
             info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=self.prefix
         )
         fields.append(self._via.field(scope.get("http_version", "1.1")))
-        fields.append((b"x-request-id", info.request_id))
+        fields.append((REQUEST_ID_FIELD, info.request_id))
         if self._tokens is not None:
             token = self._tokens.token_for(self.route.plugin)
             if token is not self._token:
                 self.secret = token.encode("ascii")
-                self._token, self.token_field = token, (b"x-mint-internal-token", self.secret)
+                self._token, self.token_field = token, (INTERNAL_TOKEN_FIELD, self.secret)
             fields.append(self.token_field)
         return fields
 

@@ -70,7 +70,7 @@ from .headers import (
     new_request_id,
 )
 from .plugins._watch import plugin_unavailable
-from .routing import Route, RouteTable, check_mount_path
+from .routing import DEFAULT_RETRY_WINDOW, Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class ProxyMiddleware:
         routes: RouteTable | Mapping[str, str],
         tokens: TokenIssuer | None = None,
         mount_path: str = "",
-        retry_window: float = 2.0,
+        retry_window: float = DEFAULT_RETRY_WINDOW,
         client_body_timeout: float = 60.0,
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,

@@ -32,12 +32,18 @@ import os
 import re
 from dataclasses import dataclass
 
+from . import _names
 from .errors import BadRequest, HeadersTooLarge, LoopDetected
 from .routing import Route
 
-REQUEST_ID_HEADER = b"x-request-id"
+# The proxy's own header names as ASGI servers hand them over: lowercase bytes, derived from
+# the one spelling in ``_names`` (public as ``mint_proxy.REQUEST_ID_HEADER`` etc., str).
+REQUEST_ID_FIELD = _names.REQUEST_ID_HEADER.lower().encode("ascii")
+INTERNAL_TOKEN_FIELD = _names.INTERNAL_TOKEN_HEADER.lower().encode("ascii")
+# The same, under the old names, for isolation/mount.py until it imports the ``*_FIELD`` names.
+REQUEST_ID_HEADER = REQUEST_ID_FIELD
+INTERNAL_TOKEN_HEADER = INTERNAL_TOKEN_FIELD
 TRACEPARENT_HEADER = b"traceparent"
-INTERNAL_TOKEN_HEADER = b"x-mint-internal-token"
 
 HOP_BY_HOP = frozenset(
     {
@@ -52,7 +58,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Headers the proxy sets itself; a client's copy is never forwarded.
-PROXY_OWNED = frozenset({b"forwarded", b"x-real-ip", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
+PROXY_OWNED = frozenset({b"forwarded", b"x-real-ip", REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD})
 _DROP_FROM_REQUEST = HOP_BY_HOP | PROXY_OWNED | {b"content-length", b"expect"}
 # Request headers the inspection loop looks at; every other lowercase name is kept as is.
 _NOTED = _DROP_FROM_REQUEST | {b"host", b"via"}
@@ -63,7 +69,7 @@ _PROTECTED = frozenset({b"host"})
 # body length is known; Date and Server are set by the ASGI server in front of us
 # (uvicorn, hypercorn, granian all do), so a proxied response looks like a native one
 # instead of carrying two of each.
-_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER}
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD}
 
 MAX_REQUEST_ID_LENGTH = 128
 # Request head limits the proxy enforces itself (431), whatever the ASGI server let
@@ -131,7 +137,7 @@ def client_request_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
 
     Used on the error path, where ``inspect_request`` raised before returning it.
     """
-    values = [value for name, value in raw if name == REQUEST_ID_HEADER]
+    values = [value for name, value in raw if name == REQUEST_ID_FIELD]
     if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
         return values[0]
     return trace_id(raw)
@@ -238,7 +244,7 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
                     encodings.append(value)
                 elif name == b"connection":
                     connection_tokens.update(t.strip().lower() for t in value.split(b","))
-                elif name == REQUEST_ID_HEADER:
+                elif name == REQUEST_ID_FIELD:
                     request_ids.append(value)
                 continue
         elif unusual and _is_dropped_alias(name):
@@ -348,7 +354,7 @@ def filter_response(
             return _filter_response_fully(raw, request_id=request_id, route=route, client_prefix=client_prefix)
         else:
             out.append(item)
-    out.append((REQUEST_ID_HEADER, request_id))
+    out.append((REQUEST_ID_FIELD, request_id))
     return out
 
 
@@ -365,12 +371,12 @@ def _filter_response_fully(
             continue
         if b"_" in name or b"." in name:
             canonical = _canonical(name)
-            if canonical in (REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER):
+            if canonical in (REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD):
                 continue
         if name == b"location":
             value = rewrite_location(value, route=route, client_prefix=client_prefix)
         out.append((name, value))
-    out.append((REQUEST_ID_HEADER, request_id))
+    out.append((REQUEST_ID_FIELD, request_id))
     return out
 
 
