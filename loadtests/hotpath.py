@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from mint_proxy import ProxyMetrics, ProxyMiddleware, TokenIssuer
 from mint_proxy._upstream import Connection
@@ -81,8 +81,25 @@ def _scope() -> dict[str, Any]:
     }
 
 
+class Measured(NamedTuple):
+    """One harness run: the seconds the measured requests took, every status (warm-up included),
+    and the upstream connections idle in the pool afterwards."""
+
+    elapsed: float
+    statuses: list[int]
+    idle: int
+
+
 async def run(requests: int, metrics: bool = False) -> float:
     """Proxy ``requests`` GETs after a warm-up; return the seconds they took."""
+    result = await measure(requests, metrics)
+    if result.statuses != [200] * (WARMUP + requests) or result.idle != 1:
+        raise RuntimeError("the hot path did not answer every request with 200 on one pooled connection")
+    return result.elapsed
+
+
+async def measure(requests: int, metrics: bool = False) -> Measured:
+    """``run`` without its check: what the proxy answered, on how many pooled connections."""
     loop = asyncio.get_running_loop()
     proxy = ProxyMiddleware(
         None,
@@ -99,13 +116,19 @@ async def run(requests: int, metrics: bool = False) -> float:
     conn.idle_since = time.monotonic()
     proxy.pool._idle[route.upstream.address] = [conn]
     elapsed, statuses = await _drive(proxy, requests)
-    if statuses != [200] * (WARMUP + requests) or proxy.pool.idle_count() != 1:
-        raise RuntimeError("the hot path did not answer every request with 200 on one pooled connection")
-    return elapsed
+    return Measured(elapsed, statuses, proxy.pool.idle_count())
 
 
 async def run_floor(requests: int) -> float:
     """``run`` for ``loadtests.floor``'s forwarder, on the same in-memory upstream and scope."""
+    result = await measure_floor(requests)
+    if result.statuses != [200] * (WARMUP + requests) or result.idle != 1:
+        raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
+    return result.elapsed
+
+
+async def measure_floor(requests: int) -> Measured:
+    """``measure`` for ``loadtests.floor``'s forwarder (``idle`` counts its own pooled connection)."""
     from loadtests import floor
 
     loop = asyncio.get_running_loop()
@@ -113,9 +136,7 @@ async def run_floor(requests: int) -> float:
     conn.connection_made(_EchoTransport(loop, conn))  # type: ignore[arg-type]
     floor._idle[:] = [conn]
     elapsed, statuses = await _drive(floor.app, requests)
-    if statuses != [200] * (WARMUP + requests) or floor._idle != [conn]:
-        raise RuntimeError("the floor did not answer every request with 200 on one pooled connection")
-    return elapsed
+    return Measured(elapsed, statuses, 1 if floor._idle == [conn] else 0)
 
 
 async def _drive(app: Callable[..., Awaitable[None]], requests: int) -> tuple[float, list[int]]:

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from websockets.sync.client import connect as ws_connect
 
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer, enable_access_log
-from mint_proxy._accesslog import ACCESS_LOGGER, JSONAccessFormatter, TextAccessFormatter, escape, formatter_for
+from mint_proxy._accesslog import ACCESS_LOGGER, JSONAccessFormatter, TextAccessFormatter, formatter_for
+from mint_proxy._exchange import escape
 
 from .conftest import PluginServer
 from .utils import SECRET, RawBackend, Running, raw_request, serve, status_of

@@ -417,7 +417,7 @@ def test_uvicorn_app_signs_tokens_with_the_environment_secret(
 def test_edited_config_replaces_the_routes_without_a_restart(
     reloading: tuple[Uvicorn, Path], plugin: PluginServer, plugin2: PluginServer
 ) -> None:
-    """22."""
+    """Editing the config file replaces the routes in the running server, without a restart."""
     child, config = reloading
     write_config(config, f'[proxy]\n"/b" = "{plugin2.url}"\n')
     poll(
@@ -432,7 +432,7 @@ def test_edited_config_replaces_the_routes_without_a_restart(
 def test_broken_edit_keeps_the_last_good_routes_and_logs_the_error(
     reloading: tuple[Uvicorn, Path], plugin: PluginServer, plugin2: PluginServer
 ) -> None:
-    """22."""
+    """A broken config edit keeps the last good routes and logs the error."""
     child, config = reloading
     write_config(config, f'[proxy]\n"/b" = "{plugin2.url}"\n')
     poll(lambda: child.get("/b/x").status_code == 200, RELOAD_DEADLINE, "/b routed")

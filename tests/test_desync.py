@@ -438,7 +438,7 @@ def check_forwarded(case: Case, rig: Rig, response: Response) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_desync_corpus_case(case: Case, rig: Rig, http: str) -> None:
-    """Issue #4 item 11: Severe refused with zero upstream contact; nothing ambiguous reaches a plugin."""
+    """Severe cases are refused with zero upstream contact; nothing ambiguous reaches a plugin."""
     rig.reset()
     raw, closed = exchange(rig.port, case.request() + SMUGGLED, timeout=2.0)
     responses = parse_responses(raw, methods=(case.method.decode("latin-1"),))

@@ -9,7 +9,6 @@ import pytest
 from mint_proxy.devconfig import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
-    DEFAULT_RETRY_WINDOW,
     SECRET_ENV,
     ConfigWatcher,
     DevConfig,
@@ -21,7 +20,7 @@ from mint_proxy.devconfig import (
 from mint_proxy.errors import DevConfigError, MintProxyError
 from mint_proxy.plugins.runtime import default_runtime_dir
 from mint_proxy.plugins.spec import PluginSpec, RestartPolicy, SharedPlugin
-from mint_proxy.routing import Route, RouteTable
+from mint_proxy.routing import DEFAULT_RETRY_WINDOW, Route, RouteTable
 
 PATH = "conf/config.dev.toml"
 

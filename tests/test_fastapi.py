@@ -5,7 +5,7 @@ go to plugins, and plugins call back to ``/api/internal`` with the token the pro
 """
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -120,7 +120,6 @@ def platform(request: pytest.FixtureRequest, http: str, plugin: PluginServer) ->
     running: Running
     with serve(build(routes, events), http=http, lifespan="on") as running:
         yield Platform(running.url, routes, events)
-    assert events == ["startup", "shutdown"]
 
 
 def token_from(plugin: PluginServer) -> str:
@@ -227,9 +226,15 @@ def test_fastapi_internal_api_refusal_is_json(http: str, plugin: PluginServer) -
     assert response.json() == {"detail": f"missing {TOKEN_HEADER} header"}
 
 
-def test_lifespan_runs_with_the_middleware_installed(platform: Platform) -> None:
-    """The fixture checks shutdown after the server stops."""
-    assert platform.lifespan == ["startup"]
+@pytest.mark.parametrize("build", [build_fastapi, build_starlette], ids=["fastapi", "starlette"])
+def test_lifespan_runs_with_the_middleware_installed(
+    http: str, plugin: PluginServer, build: Callable[[RouteTable, list[str]], Starlette]
+) -> None:
+    """The platform's own lifespan runs through the middleware: startup while it serves, shutdown once stopped."""
+    events: list[str] = []
+    with serve(build(RouteTable({"/peak": plugin.url}), events), http=http, lifespan="on"):
+        assert events == ["startup"]
+    assert events == ["startup", "shutdown"]
 
 
 def test_streamed_response_passes_through_the_platform(platform: Platform, plugin: PluginServer) -> None:

@@ -432,7 +432,7 @@ def who(http: str, h11: str, httptools: str) -> str:
 def test_ambiguous_framing_is_refused_before_a_byte_reaches_the_plugin(
     rig: Rig, data: bytes, h11: str, httptools: str
 ) -> None:
-    """1: a 4xx (JSON with request id when the proxy answers), the plugin's socket sees nothing."""
+    """A 4xx (JSON with request id when the proxy answers), the plugin's socket sees nothing."""
     raw, _ = exchange(rig.port, data)
     assert_refused(one_response(raw), who(rig.http, h11, httptools))
     rig.untouched()
@@ -440,7 +440,7 @@ def test_ambiguous_framing_is_refused_before_a_byte_reaches_the_plugin(
 
 @pytest.mark.parametrize("data, h11, httptools", [pytest.param(*f[1:], id=f[0]) for f in FRAMING])
 def test_ambiguous_framing_refusal_closes_the_connection(rig: Rig, data: bytes, h11: str, httptools: str) -> None:
-    """1: RFC 9112 §6.3: after refusing ambiguous framing the server closes the connection, so the
+    """RFC 9112 §6.3: after refusing ambiguous framing the server closes the connection, so the
     bytes after the request (here a request to ``/trap``) never become a request of their own.
 
     Regression test: the proxy's 400 used to keep the connection open (fixed in errors.BadRequest).
@@ -460,7 +460,7 @@ def test_ambiguous_framing_refusal_closes_the_connection(rig: Rig, data: bytes, 
     ],
 )
 def test_equal_repeated_content_length_reaches_the_plugin_at_most_as_one_length(rig: Rig, lengths: list[str]) -> None:
-    """1: ``Content-Length: 3, 3`` (corpus severe.yaml "1000,1000") or two equal fields. httptools
+    """``Content-Length: 3, 3`` (corpus severe.yaml "1000,1000") or two equal fields. httptools
     refuses both; h11 folds them into one ``3`` before the app exists (RFC 9110 §8.6 allows it), so
     the proxy cannot see the repetition (it refuses a list it can see: tests/test_headers.py). Never
     two lengths upstream."""
@@ -476,7 +476,7 @@ def test_equal_repeated_content_length_reaches_the_plugin_at_most_as_one_length(
 
 
 def test_transfer_encoding_on_http_0_9_is_refused(rig: Rig) -> None:
-    """1: both servers pass ``HTTP/0.9`` through as http_version "0.9"; chunked framing does not exist there.
+    """Both servers pass ``HTTP/0.9`` through as http_version "0.9"; chunked framing does not exist there.
 
     Corpus ambiguous.yaml "Transfer-Encoding for HTTP/0.9"; RFC 9112 §6.1. Regression test: only
     HTTP/1.0 used to be refused.
@@ -489,7 +489,7 @@ def test_transfer_encoding_on_http_0_9_is_refused(rig: Rig) -> None:
 
 
 async def test_chunked_request_is_framed_anew_with_the_exact_bytes(rig: Rig) -> None:
-    """1: the client's chunk sizes, extensions and trailers stay behind; the plugin gets one
+    """The client's chunk sizes, extensions and trailers stay behind; the plugin gets one
     ``Transfer-Encoding: chunked`` and exactly the body bytes."""
     body = os.urandom(70_000)
     pieces, pos = [], 0
@@ -511,7 +511,7 @@ async def test_chunked_request_is_framed_anew_with_the_exact_bytes(rig: Rig) -> 
 
 
 async def test_content_length_request_keeps_its_length_upstream(rig: Rig) -> None:
-    """1: a client Content-Length reaches the plugin as the same single Content-Length."""
+    """A client Content-Length reaches the plugin as the same single Content-Length."""
     body = os.urandom(100_000)
     data = make_request("/peak/upload", "Content-Length: 100000", method="POST", body=body)
     raw, _ = exchange(rig.port, data + SMUGGLED)
@@ -525,7 +525,7 @@ async def test_content_length_request_keeps_its_length_upstream(rig: Rig) -> Non
 async def test_malformed_chunk_after_the_head_never_completes_the_upstream_request(
     start_proxy: StartProxy, plugin: PluginServer, bad_chunk: bytes
 ) -> None:
-    """1: a framing error the server finds mid-body, when the request may already stream upstream,
+    """A framing error the server finds mid-body, when the request may already stream upstream,
     aborts the upstream request: the plugin never receives a complete body. (Own proxy and plugin:
     whether the head went upstream before the error is a race, and must not leak into other tests.)"""
     proxy = start_proxy({"/peak": plugin.url})
@@ -605,7 +605,7 @@ def check_outcome(rig: Rig, raw: bytes, expected: str) -> None:
 def test_traversal_vector_reaches_only_the_route_of_its_decoded_path(
     rig: Rig, target: bytes, h11: str, httptools: str
 ) -> None:
-    """2: refused, or forwarded with the raw path to the route of the decoded path, or the platform's."""
+    """Refused, or forwarded with the raw path to the route of the decoded path, or the platform's."""
     method = "OPTIONS" if target == b"*" else "GET"
     raw, _ = exchange(rig.port, make_request(target, "Connection: close", method=method))
     check_outcome(rig, raw, who(rig.http, h11, httptools))
@@ -710,7 +710,7 @@ SSRF = [
 
 @pytest.mark.parametrize("template", [pytest.param(t, id=i) for i, t in SSRF])
 def test_nothing_in_a_request_makes_the_proxy_connect_elsewhere(rig: Rig, template: str) -> None:
-    """3: a listener no route points at sees zero connections, whatever the request says."""
+    """A listener no route points at sees zero connections, whatever the request says."""
     data = template.format(trap=rig.outsider.port).encode() + b"Connection: close\r\n\r\n"
     raw, _ = exchange(rig.port, data)
     response = one_response(raw)
@@ -720,7 +720,7 @@ def test_nothing_in_a_request_makes_the_proxy_connect_elsewhere(rig: Rig, templa
 
 
 def test_rewrite_headers_reach_the_plugin_as_plain_headers_and_forwarding_is_rebuilt(rig: Rig) -> None:
-    """3: X-Original-URL and friends change nothing in the proxy; X-Forwarded-* come from the scope."""
+    """X-Original-URL and friends change nothing in the proxy; X-Forwarded-* come from the scope."""
     data = dict(SSRF)["rewrite-headers"].format(trap=rig.outsider.port).encode() + b"Connection: close\r\n\r\n"
     raw, _ = exchange(rig.port, data)
     assert one_response(raw).status == 200
@@ -734,7 +734,7 @@ def test_rewrite_headers_reach_the_plugin_as_plain_headers_and_forwarding_is_reb
 
 @pytest.mark.parametrize("host", [b"a b", b"evil.example/peak", b"user@evil.example", b"evil.example:80:80"])
 def test_host_with_an_invalid_value_is_refused(rig: Rig, host: bytes) -> None:
-    """3, 4: RFC 9112 §3.2: a Host that is not ``host[:port]`` is a 400. Neither server checks it.
+    """RFC 9112 §3.2: a Host that is not ``host[:port]`` is a 400. Neither server checks it.
 
     Regression test: such a Host used to reach the plugin (and its X-Forwarded-Host).
     """
@@ -754,7 +754,7 @@ def test_host_with_an_invalid_value_is_refused(rig: Rig, host: bytes) -> None:
     ],
 )
 def test_oversized_headers_are_answered_431_by_the_proxy(rig: Rig, headers: list[str]) -> None:
-    """4: the proxy answers 431 itself, whatever the server let through; zero bytes upstream.
+    """The proxy answers 431 itself, whatever the server let through; zero bytes upstream.
 
     Regression test: neither server refuses a head that arrives in one read, and the proxy had no
     limit (HeadersTooLarge was defined but never raised); both headers reached the plugin.
@@ -789,7 +789,7 @@ def test_header_block_growing_slowly_is_bounded_only_under_h11(rig: Rig) -> None
 
 @pytest.mark.parametrize("value", [b"a\rb", b"a\nb", b"a\x00b"], ids=["CR", "LF", "NUL"])
 def test_cr_lf_nul_in_a_header_value_never_reach_the_plugin(rig: Rig, value: bytes) -> None:
-    """4: both servers refuse these before the app; the proxy's own check (headers.inspect_request)
+    """Both servers refuse these before the app; the proxy's own check (headers.inspect_request)
     covers servers that do not (tests/test_headers.py)."""
     raw, _ = exchange(rig.port, make_request("/peak/x", b"X-A: " + value, "Connection: close"))
     assert_server_refused(one_response(raw))
@@ -798,7 +798,7 @@ def test_cr_lf_nul_in_a_header_value_never_reach_the_plugin(rig: Rig, value: byt
 
 @pytest.mark.parametrize("value", [b"a\x01b", b"a\x1bb", b"a\x7fb"], ids=["SOH", "ESC", "DEL"])
 def test_control_characters_in_a_header_value_are_refused_before_the_plugin(rig: Rig, value: bytes) -> None:
-    """4: RFC 9110 §5.5: control characters are invalid in a field value. httptools refuses them;
+    """RFC 9110 §5.5: control characters are invalid in a field value. httptools refuses them;
     h11 accepts them. Regression test: the proxy used to forward them, and the plugin's own server
     answered 400 to the proxy."""
     raw, _ = exchange(rig.port, make_request("/peak/x", b"X-A: " + value, "Connection: close"))
@@ -808,7 +808,7 @@ def test_control_characters_in_a_header_value_are_refused_before_the_plugin(rig:
 
 @pytest.mark.parametrize("fold", [b"\r\n ", b"\r\n\t"], ids=["SP", "HTAB"])
 def test_obs_fold_never_reaches_the_plugin_as_a_fold(rig: Rig, fold: bytes) -> None:
-    """4: httptools refuses obs-fold; h11 replaces it with one space before the app sees the header
+    """Obs-fold: httptools refuses it; h11 replaces it with one space before the app sees the header
     (RFC 9112 §5.2 allows either), so the proxy cannot tell, and the folded text stays inside one
     value: it never becomes a header line of its own upstream."""
     data = make_request("/peak/x", b"X-A: a" + fold + b"Transfer-Encoding: chunked", "Connection: close")
@@ -825,7 +825,7 @@ def test_obs_fold_never_reaches_the_plugin_as_a_fold(rig: Rig, fold: bytes) -> N
 
 
 def test_aliases_of_the_internal_token_and_request_id_never_reach_the_plugin(rig: Rig) -> None:
-    """4: names that CGI/WSGI-style servers fold together (``_``, ``.``, any case) are dropped."""
+    """Names that CGI/WSGI-style servers fold together (``_``, ``.``, any case) are dropped."""
     data = make_request(
         "/peak/x",
         "X_Mint_Internal_Token: forged",
@@ -850,7 +850,7 @@ def test_aliases_of_the_internal_token_and_request_id_never_reach_the_plugin(rig
 
 
 def test_connection_cannot_remove_what_the_proxy_sets(rig: Rig) -> None:
-    """4: ``Connection`` naming Host or the proxy's forwarding headers removes only the client's copies."""
+    """``Connection`` naming Host or the proxy's forwarding headers removes only the client's copies."""
     data = make_request(
         "/peak/x",
         "Connection: close, host, x-forwarded-for, x-forwarded-proto, x-forwarded-host, forwarded, x-real-ip, "
@@ -871,7 +871,7 @@ def test_connection_cannot_remove_what_the_proxy_sets(rig: Rig) -> None:
 
 
 def test_h2c_upgrade_is_not_forwarded(rig: Rig) -> None:
-    """4: ``Upgrade: h2c`` on plain HTTP: no 101, and the plugin sees no Upgrade, no ``Connection``
+    """``Upgrade: h2c`` on plain HTTP: no 101, and the plugin sees no Upgrade, no ``Connection``
     and no HTTP2-Settings. What follows on the connection differs (measured): h11 reads the next
     request as HTTP/1.1; uvicorn's httptools protocol treats the connection as upgraded and ignores
     every later byte, so a pipelined request there gets no answer (and reaches nobody)."""
@@ -950,7 +950,7 @@ def keep_alive(port: int, *targets: str, methods: tuple[str, ...] = ()) -> tuple
 def test_invalid_upstream_response_is_a_502_and_the_client_connection_carries_on(
     start_proxy: StartProxy, plugin: PluginServer, answer: bytes
 ) -> None:
-    """5: a 502 (JSON, no upstream detail), and the next request on the same client connection works."""
+    """A 502 (JSON, no upstream detail), and the next request on the same client connection works."""
     with RawBackend(lambda head, index: answer) as backend:
         proxy = start_proxy({"/bad": backend.url, "/good": plugin.url})
         responses, _ = keep_alive(proxy.port, "/bad/x", "/good/next")
@@ -979,7 +979,7 @@ def test_invalid_upstream_response_is_a_502_and_the_client_connection_carries_on
 def test_body_where_none_may_be_is_dropped_and_never_poisons_a_connection(
     start_proxy: StartProxy, plugin: PluginServer, method: str, answer: bytes, status: int
 ) -> None:
-    """5: the stray bytes reach neither the client (they would become the next response) nor the next
+    """The stray bytes reach neither the client (they would become the next response) nor the next
     exchange on the pooled upstream connection (it is closed, not reused)."""
     with RawBackend(lambda head, index: answer, close=False) as backend:
         proxy = start_proxy({"/bad": backend.url, "/good": plugin.url})
@@ -991,7 +991,7 @@ def test_body_where_none_may_be_is_dropped_and_never_poisons_a_connection(
 
 
 def test_204_response_never_carries_content_length(start_proxy: StartProxy) -> None:
-    """5: RFC 9110 §8.6: never a Content-Length on a 204, even answering HEAD.
+    """RFC 9110 §8.6: never a Content-Length on a 204, even answering HEAD.
 
     Regression test: ``_http11.parse_response_head`` kept the plugin's length for HEAD even on a
     204, and asgi.py re-added it.
@@ -1006,7 +1006,7 @@ def test_204_response_never_carries_content_length(start_proxy: StartProxy) -> N
 def test_content_length_longer_than_the_body_then_close_is_a_truncated_response(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
-    """5: the client sees fewer bytes than the Content-Length the proxy sent, then the connection
+    """The client sees fewer bytes than the Content-Length the proxy sent, then the connection
     closes: never a complete response. A new connection works."""
     with RawBackend(lambda head, index: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello") as backend:
         proxy = start_proxy({"/bad": backend.url, "/good": plugin.url})
@@ -1039,7 +1039,7 @@ def test_content_length_longer_than_the_body_then_close_is_a_truncated_response(
     ],
 )
 async def test_plugin_killed_mid_response_is_an_aborted_response(start_proxy: StartProxy, answer: bytes) -> None:
-    """7: the plugin sends part of its body and dies: the client's HTTP library reports an error,
+    """The plugin sends part of its body and dies: the client's HTTP library reports an error,
     and on the wire the body is shorter than announced (or its chunked end is missing)."""
     with RawBackend(lambda head, index: answer) as backend:
         proxy = start_proxy({"/peak": backend.url})
@@ -1052,7 +1052,7 @@ async def test_plugin_killed_mid_response_is_an_aborted_response(start_proxy: St
 
 
 async def test_plugin_that_accepts_and_never_answers_is_a_504_after_read_timeout(start_proxy: StartProxy) -> None:
-    """7: a plugin that takes the request and goes silent: 504 once ``read_timeout`` passes."""
+    """A plugin that takes the request and goes silent: 504 once ``read_timeout`` passes."""
     release = threading.Event()
 
     def silent(head: bytes, index: int) -> bytes:
@@ -1076,7 +1076,7 @@ async def test_plugin_that_accepts_and_never_answers_is_a_504_after_read_timeout
 
 
 async def test_plugin_restarted_under_steady_load_loses_and_duplicates_nothing(start_proxy: StartProxy) -> None:
-    """7: 200 sequential GETs; after the 60th the plugin server stops, and it starts again on the
+    """200 sequential GETs; after the 60th the plugin server stops, and it starts again on the
     same port 0.3 s later while request 61 waits. With a 3 s retry window every request succeeds
     and each reaches the plugin exactly once (request ids), none replayed.
 
@@ -1173,7 +1173,7 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\
 
 
 async def test_stale_connection_retry_waits_out_a_plugin_restart(start_proxy: StartProxy) -> None:
-    """7: a GET taking a pooled connection that the stopping plugin just closed is retried on a new
+    """A GET taking a pooled connection that the stopping plugin just closed is retried on a new
     connection (it never reached the plugin); while the plugin restarts that connection is refused,
     and the retry window covers it as it covers any refused connection.
 
@@ -1229,7 +1229,7 @@ async def warm_pool(proxy_url: str, path: str) -> None:
 async def test_client_gone_mid_upload_is_seen_upstream_at_once_and_leaks_no_connection(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
-    """7: five uploads abandoned half-way: each time the plugin sees the disconnect within a second,
+    """Five uploads abandoned half-way: each time the plugin sees the disconnect within a second,
     and the pool holds no more idle connections than before."""
     proxy = start_proxy({"/peak": plugin.url})
     await warm_pool(proxy.url, "/peak/warm")
@@ -1246,7 +1246,7 @@ async def test_client_gone_mid_upload_is_seen_upstream_at_once_and_leaks_no_conn
 async def test_client_gone_mid_download_is_seen_upstream_at_once_and_leaks_no_connection(
     start_proxy: StartProxy,
 ) -> None:
-    """7: five long downloads abandoned after the first bytes: each time the plugin sees the
+    """Five long downloads abandoned after the first bytes: each time the plugin sees the
     disconnect within a second, and the pool holds no more idle connections than before."""
     app = Streamer()
     with serve(app) as upstream:
@@ -1273,7 +1273,7 @@ async def test_client_gone_mid_download_is_seen_upstream_at_once_and_leaks_no_co
 async def test_stalled_upload_is_a_408_and_the_upstream_request_is_aborted(
     start_proxy: StartProxy, plugin: PluginServer, head: str, partial: bytes
 ) -> None:
-    """8: headers and part of the body, then silence: 408 (JSON, connection closed) after
+    """Headers and part of the body, then silence: 408 (JSON, connection closed) after
     ``client_body_timeout``, and the plugin sees its request end without a body end."""
     proxy = start_proxy({"/peak": plugin.url}, client_body_timeout=0.5)
     data = make_request("/peak/upload", head, method="POST", body=partial)
@@ -1289,7 +1289,7 @@ async def test_stalled_upload_is_a_408_and_the_upstream_request_is_aborted(
 
 
 async def test_headers_then_silence_is_a_408(start_proxy: StartProxy, plugin: PluginServer) -> None:
-    """8: the body-idle timeout starts when the head is complete, not after the first body bytes.
+    """The body-idle timeout starts when the head is complete, not after the first body bytes.
 
     Regression test: the first body read had no timeout, so such a request was held forever.
     """

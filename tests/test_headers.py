@@ -14,10 +14,9 @@ from mint_proxy.headers import (
     _filter_response_fully,
     client_request_id,
     filter_response,
-    forwarded_lines,
+    forwarded_fields,
     inspect_request,
     new_request_id,
-    parse_field_lines,
     rewrite_location,
     via_value,
 )
@@ -419,7 +418,7 @@ def test_via_from_another_proxy_is_kept() -> None:
     assert inspect(raw).headers == raw
 
 
-# --- forwarded_lines and via_value -----------------------------------------------------------
+# --- forwarded_fields and via_value -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -470,15 +469,15 @@ def test_forwarded_headers_come_from_the_scope(
 ) -> None:
     info = RequestInfo(headers=[], request_id=b"r", host=host, content_length=None, chunked=False)
 
-    lines = forwarded_lines(info, client=client, scheme=scheme, forwarded_prefix=prefix)
+    fields = forwarded_fields(info, client=client, scheme=scheme, forwarded_prefix=prefix)
 
-    assert parse_field_lines(lines) == expected
+    assert fields == expected
 
 
 def test_forwarded_headers_ignore_the_clients_own_copies() -> None:
     info = inspect([HOST, (b"x-forwarded-for", b"6.6.6.6"), (b"x-forwarded-proto", b"https")])
 
-    headers = parse_field_lines(forwarded_lines(info, client=("10.0.0.7", 1), scheme="http", forwarded_prefix=""))
+    headers = forwarded_fields(info, client=("10.0.0.7", 1), scheme="http", forwarded_prefix="")
 
     assert (b"x-forwarded-for", b"10.0.0.7") in headers
     assert (b"x-forwarded-proto", b"http") in headers

@@ -25,6 +25,8 @@ from mint_proxy._upstream import HIGH_WATER, LOW_WATER, MAX_TRAILER_BYTES, Conne
 from mint_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from mint_proxy.routing import Upstream
 
+from .utils import upstream_body, upstream_head
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -373,7 +375,7 @@ async def read_all(conn: Connection) -> bytes:
     chunks = []
     more = True
     while more:
-        chunk, more = await conn.read_body(1)
+        chunk, more = await upstream_body(conn, 1)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -396,7 +398,7 @@ async def test_content_length_body_is_read(split: int) -> None:
     conn, transport = open_connection()
 
     feed(conn, transport, CL_RESPONSE, split)
-    head = await conn.read_head(1)
+    head = await upstream_head(conn, 1)
 
     assert (head.status, head.framing, head.content_length) == (200, LENGTH, 11)
     assert head.headers == [(b"content-length", b"11"), (b"content-type", b"text/plain")]
@@ -409,7 +411,7 @@ async def test_chunked_body_is_read_without_extensions_or_trailers(split: int) -
     conn, transport = open_connection()
 
     feed(conn, transport, CHUNKED_RESPONSE, split)
-    head = await conn.read_head(1)
+    head = await upstream_head(conn, 1)
 
     assert head.framing == CHUNKED
     assert head.headers == [(b"transfer-encoding", b"chunked")]
@@ -430,9 +432,9 @@ async def test_empty_body_is_read_as_one_empty_last_piece(response: bytes, split
     conn, transport = open_connection()
 
     feed(conn, transport, response, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
-    assert await conn.read_body(1) == (b"", False)
+    assert await upstream_body(conn, 1) == (b"", False)
 
 
 @pytest.mark.anyio
@@ -441,10 +443,10 @@ async def test_head_response_has_no_body_but_keeps_its_length(split: int) -> Non
     conn, transport = open_connection(head_request=True)
 
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", split)
-    head = await conn.read_head(1)
+    head = await upstream_head(conn, 1)
 
     assert (head.framing, head.content_length) == (NO_BODY, 10)
-    assert await conn.read_body(1) == (b"", False)
+    assert await upstream_body(conn, 1) == (b"", False)
 
 
 @pytest.mark.anyio
@@ -458,7 +460,7 @@ async def test_interim_responses_are_skipped(split: int) -> None:
     )
 
     feed(conn, transport, response, split)
-    head = await conn.read_head(1)
+    head = await upstream_head(conn, 1)
 
     assert head.status == 200
     assert await read_all(conn) == b"ok"
@@ -472,7 +474,7 @@ async def test_unrequested_switching_protocols_is_a_protocol_error(split: int) -
     feed(conn, transport, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nraw", split)
 
     with pytest.raises(UpstreamProtocolError, match="switched protocols"):
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
     assert transport.aborted
 
 
@@ -484,7 +486,7 @@ async def test_invalid_response_head_is_a_protocol_error(split: int) -> None:
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 0\r\n\r\n", split)
 
     with pytest.raises(UpstreamProtocolError, match="invalid response"):
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
     assert transport.aborted
 
 
@@ -506,7 +508,7 @@ async def test_invalid_chunk_framing_is_a_protocol_error_and_aborts(body: bytes,
     conn, transport = open_connection()
 
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
     with pytest.raises(UpstreamProtocolError, match="chunked"):
         await read_all(conn)
@@ -521,7 +523,7 @@ async def test_trailers_over_the_limit_are_a_protocol_error(split: int) -> None:
     trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 500) for i in range(MAX_TRAILER_BYTES // 500 + 1))
 
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n", split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
     with pytest.raises(UpstreamProtocolError, match="trailer"):
         await read_all(conn)
@@ -536,7 +538,7 @@ async def test_trailer_limit_applies_to_each_exchange() -> None:
     for _ in range(3):  # three exchanges on one kept-alive connection, each within the limit on its own
         conn.begin(head_request=False)
         feed(conn, transport, response, 0)
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
         assert await read_all(conn) == b"ok"
         conn.request_complete = True
         assert conn.reusable
@@ -559,7 +561,7 @@ async def test_chunk_line_over_the_limit_is_a_protocol_error_however_it_arrives(
     body = b"2;" + b"e" * 2 * MAX_CHUNK_LINE + b"\r\nok\r\n0\r\n\r\n"
 
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
     with pytest.raises(UpstreamProtocolError, match="chunked"):
         await read_all(conn)
@@ -583,7 +585,7 @@ async def test_head_over_the_limit_is_a_protocol_error_however_it_arrives(split:
     feed(conn, transport, response, split)
 
     with pytest.raises(UpstreamProtocolError, match="too large"):
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
 
 
 # --- Connection: reuse -------------------------------------------------------------------------
@@ -596,7 +598,7 @@ async def test_clean_complete_exchange_is_reusable(response: bytes, split: int) 
     conn, transport = open_connection()
 
     feed(conn, transport, response, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     await read_all(conn)
     conn.request_complete = True
 
@@ -609,7 +611,7 @@ async def test_exchange_is_not_reusable_until_the_request_is_complete() -> None:
     conn, transport = open_connection()
 
     feed(conn, transport, CL_RESPONSE, 0)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     await read_all(conn)
 
     assert not conn.reusable
@@ -621,7 +623,7 @@ async def test_exchange_is_not_reusable_while_body_is_unread() -> None:
     conn.request_complete = True
 
     feed(conn, transport, CL_RESPONSE, 0)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
     assert not conn.reusable
 
@@ -641,7 +643,7 @@ async def test_extra_bytes_after_a_complete_body_are_not_reusable(response: byte
     conn, transport = open_connection()
 
     feed(conn, transport, response, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     assert await read_all(conn) == body
     conn.request_complete = True
 
@@ -654,7 +656,7 @@ async def test_connection_close_response_is_not_reusable(split: int) -> None:
     conn, transport = open_connection()
 
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     assert await read_all(conn) == b"ok"
     conn.request_complete = True
 
@@ -687,7 +689,7 @@ async def test_until_close_body_ends_when_the_plugin_closes(head: bytes, split: 
     conn, transport = open_connection()
 
     feed(conn, transport, head + b"all of the body", split)
-    assert (await conn.read_head(1)).framing == UNTIL_CLOSE
+    assert (await upstream_head(conn, 1)).framing == UNTIL_CLOSE
     conn.connection_lost(None)
 
     assert await read_all(conn) == b"all of the body"
@@ -701,7 +703,7 @@ async def test_close_before_any_byte_is_unavailable_with_nothing_received() -> N
     conn.connection_lost(None)
 
     with pytest.raises(UpstreamUnavailable, match="before responding"):
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
     assert conn.received_any is False
 
 
@@ -714,7 +716,7 @@ async def test_close_in_the_middle_of_the_head_is_unavailable_with_bytes_receive
     conn.connection_lost(None)
 
     with pytest.raises(UpstreamUnavailable, match="before responding"):
-        await conn.read_head(1)
+        await upstream_head(conn, 1)
     assert conn.received_any is True
 
 
@@ -731,7 +733,7 @@ async def test_close_in_the_middle_of_a_framed_body_is_unavailable(response: byt
     conn, transport = open_connection()
 
     feed(conn, transport, response, split)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     conn.connection_lost(None)
 
     with pytest.raises(UpstreamUnavailable, match="middle of its response"):
@@ -745,7 +747,7 @@ async def test_close_in_the_middle_of_a_framed_body_is_unavailable(response: byt
 async def test_reading_pauses_once_more_than_high_water_is_buffered() -> None:
     conn, transport = open_connection()
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
 
     conn.data_received(b"x" * HIGH_WATER)
     assert transport.pauses == 0
@@ -759,11 +761,11 @@ async def test_reading_pauses_once_more_than_high_water_is_buffered() -> None:
 async def test_reading_resumes_once_drained_below_low_water() -> None:
     conn, transport = open_connection()
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     conn.data_received(b"x" * (HIGH_WATER + 1))
     assert (transport.pauses, transport.resumes) == (1, 0)
 
-    chunk, more = await conn.read_body(1)
+    chunk, more = await upstream_body(conn, 1)
 
     assert (len(chunk), more) == (HIGH_WATER + 1, True)
     assert (transport.pauses, transport.resumes) == (1, 1)
@@ -773,10 +775,10 @@ async def test_reading_resumes_once_drained_below_low_water() -> None:
 async def test_reading_is_not_resumed_when_it_was_never_paused() -> None:
     conn, transport = open_connection()
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * LOW_WATER), 0)
-    await conn.read_head(1)
+    await upstream_head(conn, 1)
     conn.data_received(b"x" * LOW_WATER)
 
-    await conn.read_body(1)
+    await upstream_body(conn, 1)
 
     assert (transport.pauses, transport.resumes) == (0, 0)
 
@@ -786,18 +788,18 @@ async def test_silent_plugin_before_the_head_is_a_timeout() -> None:
     conn, _ = open_connection()
 
     with pytest.raises(UpstreamTimeout):
-        await conn.read_head(0.01)
+        await upstream_head(conn, 0.01)
 
 
 @pytest.mark.anyio
 async def test_silent_plugin_in_the_middle_of_the_body_is_a_timeout() -> None:
     conn, transport = open_connection()
     feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0)
-    await conn.read_head(1)
-    assert await conn.read_body(1) == (b"hello", True)
+    await upstream_head(conn, 1)
+    assert await upstream_body(conn, 1) == (b"hello", True)
 
     with pytest.raises(UpstreamTimeout):
-        await conn.read_body(0.01)
+        await upstream_body(conn, 0.01)
 
 
 class ClosedHandleTransport(FakeTransport):

@@ -122,7 +122,7 @@ async def run_batch(url: str, start: int, count: int, *, connections: int, seed:
 async def test_2000_concurrent_mixed_requests_all_match_their_responses(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """9: GETs, POSTs with random bodies up to 64 KiB, chunked and sized streams, 2 000 at once over
+    """GETs, POSTs with random bodies up to 64 KiB, chunked and sized streams, 2 000 at once over
     100 connections: every response carries its request's id and body hash, and the plugin saw
     each request exactly once."""
     started = time.perf_counter()
@@ -196,7 +196,7 @@ class Sample:
 @pytest.mark.slow
 @pytest.mark.skipif(not SOAK, reason="soak: set MINT_SOAK=1 (and MINT_SOAK_REQUESTS) to run it")
 async def test_soak_fds_sockets_pool_and_rss_stay_flat(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
-    """10: SOAK_REQUESTS mixed requests in batches of 500 over 50 connections. After a warm-up of
+    """SOAK_REQUESTS mixed requests in batches of 500 over 50 connections. After a warm-up of
     10 % (at least 2 000 requests), open fds and sockets stay within 16, the pool within its cap, and
     RSS within 16 MiB of the warm-up sample."""
     batch, total = 500, max(SOAK_REQUESTS, 4000)

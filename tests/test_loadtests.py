@@ -18,16 +18,19 @@ LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.
 
 
 def test_hotpath_harness_answers_every_request_on_one_pooled_connection() -> None:
-    # hotpath.run raises unless every request got a 200 and the one upstream connection was reused.
-    elapsed = asyncio.run(hotpath.run(200))
+    """The in-memory harness gets a 200 for every request, all on the one pooled upstream connection."""
+    result = asyncio.run(hotpath.measure(200))
 
-    assert elapsed > 0
+    assert result.statuses == [200] * (hotpath.WARMUP + 200)
+    assert result.idle == 1
 
 
 def test_hotpath_floor_harness_answers_every_request_on_one_pooled_connection() -> None:
-    elapsed = asyncio.run(hotpath.run_floor(200))
+    """The same for the floor's forwarder: 200s only, its one connection reused throughout."""
+    result = asyncio.run(hotpath.measure_floor(200))
 
-    assert elapsed > 0
+    assert result.statuses == [200] * (hotpath.WARMUP + 200)
+    assert result.idle == 1
 
 
 def test_report_gives_latency_against_nginx_and_the_floor_and_cpu_at_one_connection() -> None:

@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mint_proxy import INTERNAL_TOKEN_HEADER
 from mint_proxy.errors import InvalidInternalToken, MintProxyError
 from mint_proxy.tokens import (
-    INTERNAL_TOKEN_HEADER,
     TOKEN_AUDIENCE,
     TOKEN_ISSUER,
     TOKEN_TYPE,

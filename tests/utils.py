@@ -13,6 +13,9 @@ from typing import Any
 
 import uvicorn
 
+from mint_proxy._http11 import ResponseHead
+from mint_proxy._upstream import Connection
+
 SECRET = "test-internal-token-secret-0123456789abcdef"  # >= 32 bytes
 
 
@@ -222,3 +225,17 @@ def read_request(sock: socket.socket) -> tuple[bytes, bytes]:
             raise ConnectionError("closed before the whole request body")
         body += chunk
     return head, body
+
+
+async def upstream_head(conn: Connection, timeout: float) -> ResponseHead:
+    """Wait for an upstream connection's response head (the proxy awaits ``conn.wait`` inline)."""
+    while conn.head is None:
+        await conn.wait(timeout)
+    return conn.head
+
+
+async def upstream_body(conn: Connection, timeout: float) -> tuple[bytes, bool]:
+    """The next piece of an upstream response body and whether more follows."""
+    while (piece := conn.next_body()) is None:
+        await conn.wait(timeout)
+    return piece

@@ -6,47 +6,26 @@
     platform.add_middleware(ProxyMiddleware, routes=routes, tokens=TokenIssuer(secret), mount_path="/api")
 
 ``uvicorn mint_proxy:app`` runs the proxy alone from ``config.dev.toml``.
+
+``__all__`` is what a platform touches. Everything else is importable from its module and may
+change: the ``ProxyError`` subclasses (each becomes a JSON error response, never reaching the
+caller), ``devconfig.DevConfig``/``ConfigWatcher``, ``_upstream.UpstreamPool`` and
+``routing.Upstream``.
 """
 
 from ._accesslog import enable_access_log
 from ._app import DevProxyApp
-from ._upstream import UpstreamPool
+from ._names import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
 from .admin import AdminApp
 from .asgi import ProxyMiddleware
-from .devconfig import ConfigWatcher, DevConfig, load_dev_config
-from .errors import (
-    BadRequest,
-    DevConfigError,
-    HeadersTooLarge,
-    InvalidInternalToken,
-    LoopDetected,
-    MethodNotAllowed,
-    MintProxyError,
-    NotFound,
-    PayloadTooLarge,
-    PluginUnavailable,
-    ProxyError,
-    RequestTimeout,
-    RouteNotFound,
-    UpstreamProtocolError,
-    UpstreamRefused,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-    URITooLong,
-)
+from .devconfig import load_dev_config
+from .errors import DevConfigError, InvalidInternalToken, MintProxyError, RouteNotFound
 from .metrics import ProxyMetrics
-from .routing import Route, RouteTable, Upstream
-from .tokens import (
-    INTERNAL_TOKEN_HEADER,
-    InternalTokenAuth,
-    InternalTokenClaims,
-    TokenIssuer,
-    verify_internal_token,
-)
+from .plugins import PluginSpec, PluginSupervisor, RestartPolicy
+from .routing import Route, RouteTable
+from .tokens import InternalTokenAuth, InternalTokenClaims, TokenIssuer, verify_internal_token
 
 __version__ = "0.1.0"
-
-REQUEST_ID_HEADER = "X-Request-Id"
 
 # The standalone app: `uvicorn mint_proxy:app`. Building it reads nothing; it loads at startup.
 app = DevProxyApp()
@@ -55,36 +34,21 @@ __all__ = [
     "INTERNAL_TOKEN_HEADER",
     "REQUEST_ID_HEADER",
     "AdminApp",
-    "BadRequest",
-    "ConfigWatcher",
-    "DevConfig",
     "DevConfigError",
     "DevProxyApp",
-    "HeadersTooLarge",
     "InternalTokenAuth",
     "InternalTokenClaims",
     "InvalidInternalToken",
-    "LoopDetected",
-    "MethodNotAllowed",
     "MintProxyError",
-    "NotFound",
-    "PayloadTooLarge",
-    "PluginUnavailable",
-    "ProxyError",
+    "PluginSpec",
+    "PluginSupervisor",
     "ProxyMetrics",
     "ProxyMiddleware",
-    "RequestTimeout",
+    "RestartPolicy",
     "Route",
     "RouteNotFound",
     "RouteTable",
     "TokenIssuer",
-    "URITooLong",
-    "Upstream",
-    "UpstreamPool",
-    "UpstreamProtocolError",
-    "UpstreamRefused",
-    "UpstreamTimeout",
-    "UpstreamUnavailable",
     "app",
     "enable_access_log",
     "load_dev_config",

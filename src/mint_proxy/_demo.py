@@ -30,10 +30,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ._app import DevProxyApp
+from ._names import INTERNAL_TOKEN_HEADER
 from ._types import Receive, Scope, Send
 from .devconfig import CONFIG_ENV, RUNTIME_DIR_ENV, SECRET_ENV
 from .errors import InvalidInternalToken
-from .tokens import INTERNAL_TOKEN_HEADER, verify_internal_token
+from .tokens import verify_internal_token
 
 HOST = "127.0.0.1"
 GRACEFUL_SHUTDOWN = 2  # seconds; an open SSE or WebSocket client must not hold Ctrl-C hostage

@@ -52,7 +52,10 @@ def _forwarder(url: str) -> ASGIApp:
         if scope["type"] == "http":
             await proxy._proxy_http(scope, receive, send, route)
         elif scope["type"] == "websocket":
-            await proxy_websocket(proxy, scope, receive, send, route)
+            forward_route = proxy._forward(route)
+            await proxy_websocket(
+                forward_route, scope, receive, send, retry_window=proxy.retry_window, metrics=proxy.metrics
+            )
         elif scope["type"] == "lifespan":
             await proxy(scope, receive, send)
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 
 from ._types import Message, RawHeaders, Send
-from .headers import REQUEST_ID_HEADER
+from .headers import REQUEST_ID_FIELD
 
 
 def error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHeaders]:
@@ -17,7 +17,7 @@ def error_body(error: str, detail: str, request_id: bytes) -> tuple[bytes, RawHe
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(body)),
-        (REQUEST_ID_HEADER, request_id),
+        (REQUEST_ID_FIELD, request_id),
     ]
     return body, headers
 

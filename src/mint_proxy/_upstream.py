@@ -392,11 +392,6 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter = self._loop.create_future()
         return waiter
 
-    async def read_head(self, timeout: float) -> ResponseHead:
-        while self.head is None:
-            await self.wait(timeout)
-        return self.head
-
     def next_body(self) -> tuple[bytes, bool] | None:
         """The next piece of body and whether more follows, or ``None`` if none has arrived yet."""
         chunks = self._chunks
@@ -412,12 +407,6 @@ class Connection(asyncio.Protocol):
         if self._error is not None:
             raise self._error
         return None
-
-    async def read_body(self, timeout: float) -> tuple[bytes, bool]:
-        """Return the next piece of body and whether more follows."""
-        while (piece := self.next_body()) is None:
-            await self.wait(timeout)
-        return piece
 
     def _take_all(self) -> bytes:
         chunk = b"".join(self._chunks)

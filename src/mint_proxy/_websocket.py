@@ -29,7 +29,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from ._accesslog import Exchange, finish_exchange, refusal
+from ._accesslog import finish_exchange, refusal
+from ._exchange import Exchange
+from ._forward import Forward
 from ._respond import error_body
 from ._types import RawHeaders, Receive, Scope, Send
 from ._upstream import retry_refused
@@ -38,7 +40,7 @@ from .headers import client_request_id, drop_fields_containing, inspect_request,
 from .routing import Route
 
 if TYPE_CHECKING:
-    from .asgi import ProxyMiddleware
+    from .metrics import ProxyMetrics
 
 logger = logging.getLogger("mint_proxy")
 
@@ -75,7 +77,17 @@ class _UpstreamConnection(ClientConnection):
         await super().handshake(additional_headers, None)
 
 
-async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+async def proxy_websocket(
+    forward: Forward,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    retry_window: float,
+    metrics: "ProxyMetrics | None",
+) -> None:
+    """Proxy one WebSocket to ``forward.route``'s plugin; ``retry_window`` bridges a refused connect."""
+    route = forward.route
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -83,15 +95,15 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
     request_id = client_request_id(scope["headers"]) or new_request_id()
     try:
         info = inspect_request(
-            scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=proxy._via_marker
+            scope["headers"], http_version=scope.get("http_version", "1.1"), via_marker=forward.via_marker
         )
         request_id = info.request_id
-        target = proxy.upstream_target(scope, route)
+        target = forward.target(scope)
         if b"#" in target:
             raise BadRequest("a WebSocket URI must not have a fragment (RFC 6455 §3)")
-        headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + proxy.proxy_headers(scope, route, info)
-        secret = proxy._plan(route).secret  # the token these headers carry
-        upstream = await _open(proxy, route, target, headers, scope.get("subprotocols") or [])
+        headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + forward.fields(scope, info)
+        secret = forward.secret  # the token these headers carry
+        upstream = await _open(route, target, headers, scope.get("subprotocols") or [], retry_window)
     except InvalidStatus as exc:
         # A refusal (4xx/5xx) keeps its status; any other answer to an upgrade is not a WebSocket.
         # (A 407 would ask the client to authenticate to a proxy: not the plugin's to ask.)
@@ -110,18 +122,17 @@ async def proxy_websocket(proxy: "ProxyMiddleware", scope: Scope, receive: Recei
                         "plugin %s put its internal token in response header(s) %s: dropped", route.plugin, names
                     )
             refused = UpstreamRefused("the plugin refused the WebSocket", status=status)
-            await deny_websocket(proxy, scope, send, refused, request_id, started, route.plugin, headers=kept)
+            await deny_websocket(metrics, scope, send, refused, request_id, started, route.plugin, headers=kept)
         else:
             error = UpstreamProtocolError("the plugin did not accept the WebSocket upgrade")
-            await deny_websocket(proxy, scope, send, error, request_id, started, route.plugin)
+            await deny_websocket(metrics, scope, send, error, request_id, started, route.plugin)
         return
     except ProxyError as exc:
-        await deny_websocket(proxy, scope, send, exc, request_id, started, route.plugin)
+        await deny_websocket(metrics, scope, send, exc, request_id, started, route.plugin)
         return
 
     relays: list[asyncio.Future[Any]] = []
     close_code, close_reason = 1000, ""
-    metrics = proxy.metrics
     if metrics is not None:
         metrics.websocket_opened(route.plugin)
     try:
@@ -160,7 +171,7 @@ class _connect(connect):
 
 
 async def _open(
-    proxy: "ProxyMiddleware", route: Route, target: bytes, headers: list[tuple[bytes, bytes]], subprotocols: list[str]
+    route: Route, target: bytes, headers: list[tuple[bytes, bytes]], subprotocols: list[str], retry_window: float
 ) -> ClientConnection:
     upstream = route.upstream
     options: dict[str, Any] = {
@@ -191,7 +202,7 @@ async def _open(
                 raise
             raise UpstreamProtocolError("the plugin sent an invalid WebSocket handshake") from exc
 
-    return await retry_refused(open_connection, retry_window=proxy.retry_window)
+    return await retry_refused(open_connection, retry_window=retry_window)
 
 
 async def _client_to_upstream(receive: Receive, upstream: ClientConnection, limit: int) -> int:
@@ -235,7 +246,7 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
 
 
 async def deny_websocket(
-    proxy: "ProxyMiddleware",
+    metrics: "ProxyMetrics | None",
     scope: Scope,
     send: Send,
     error: ProxyError,
@@ -260,4 +271,4 @@ async def deny_websocket(
             {"type": "websocket.close", "code": 1011 if error.status >= 500 else 1008, "reason": error.detail[:120]}
         )
     duration = time.perf_counter() - started if started else 0.0
-    refusal(proxy.metrics, scope, plugin, request_id, error, duration=duration, bytes_out=sent)
+    refusal(metrics, scope, plugin, request_id, error, duration=duration, bytes_out=sent)

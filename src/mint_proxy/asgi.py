@@ -43,9 +43,9 @@ import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from ._accesslog import Failure, access_logger, finish_http, refusal
+from ._forward import Forward, Via
 from ._respond import send_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
@@ -59,23 +59,18 @@ from .errors import (
     ProxyError,
     RequestTimeout,
     UpstreamUnavailable,
-    URITooLong,
 )
 from .headers import (
     RequestInfo,
-    _keep_only,
     client_request_id,
     drop_fields_containing,
     field_lines,
     filter_response,
-    forwarded_lines,
     inspect_request,
     new_request_id,
-    parse_field_lines,
-    via_value,
 )
 from .plugins._watch import plugin_unavailable
-from .routing import Route, RouteTable, check_mount_path
+from .routing import DEFAULT_RETRY_WINDOW, Route, RouteTable, check_mount_path
 from .tokens import TokenIssuer
 
 if TYPE_CHECKING:
@@ -89,14 +84,6 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # HTTP/1.1 server in front of a plugin would then be in (h11 switches protocol on a 2xx);
 # PRI is only ever the HTTP/2 connection preface (RFC 9113 §3.4). Everything else passes.
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK", "PRI"})
-# The longest request target (raw path, '?', query) forwarded: nginx's default, a request line
-# that fits in one 8 KiB large_client_header_buffers buffer. Longer is a 414.
-MAX_TARGET_BYTES = 8 * 1024
-# The request target's path: printable ASCII without '#' and '?' (``raw.translate(_PATH_TABLE) == raw``);
-# its query: any printable ASCII (uvicorn's h11 side leaves a '#fragment' in it; the plugin's server
-# parses it as it would in-process). Nothing that could end or split the request line.
-_PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
-_QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 # A '.' or '..' segment after a '/' (one C scan; a split into segments costs 30 times more on long paths).
 _DOT_SEGMENT = re.compile(r"/\.\.?(?=/|\Z)")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in the access log only
@@ -124,7 +111,7 @@ class ProxyMiddleware:
         routes: RouteTable | Mapping[str, str],
         tokens: TokenIssuer | None = None,
         mount_path: str = "",
-        retry_window: float = 2.0,
+        retry_window: float = DEFAULT_RETRY_WINDOW,
         client_body_timeout: float = 60.0,
         via_pseudonym: str | None = None,
         pool: UpstreamPool | None = None,
@@ -145,9 +132,8 @@ class ProxyMiddleware:
         self.via_pseudonym = via_pseudonym or f"mint-proxy-{os.urandom(4).hex()}"
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.via_pseudonym):
             raise ValueError("via_pseudonym must be a token of letters, digits and -._")
-        self._via_marker = self.via_pseudonym.encode("ascii")
-        self._via_lines = {v: b"via: %s\r\n" % via_value(v, self._via_marker) for v in ("1.0", "1.1", "2")}
-        self._plans: dict[str, _Plan] = {}
+        self._via = Via(self.via_pseudonym)
+        self._forwards: dict[str, Forward] = {}
         self.pool = pool or UpstreamPool()
         # slug -> epoch when the plugin is expected back (inf: not by itself); a state watcher keeps it current.
         self.unavailable: Mapping[str, float] = {} if unavailable is None else unavailable
@@ -170,7 +156,9 @@ class ProxyMiddleware:
                 if scope_type == "http":
                     await self._proxy_http(scope, receive, send, route)
                 else:
-                    await proxy_websocket(self, scope, receive, send, route)
+                    await proxy_websocket(
+                        self._forward(route), scope, receive, send, retry_window=self.retry_window, metrics=self.metrics
+                    )
                 return
         elif scope_type == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -259,58 +247,16 @@ class ProxyMiddleware:
             )
             refusal(self.metrics, scope, plugin, request_id, error, bytes_out=sent)
         else:
-            await deny_websocket(self, scope, send, error, request_id, 0.0, plugin)
+            await deny_websocket(self.metrics, scope, send, error, request_id, 0.0, plugin)
 
-    def upstream_target(self, scope: Scope, route: Route) -> bytes:
-        """The request-target the plugin receives: the client's raw path, unless stripped."""
-        raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
-        query: bytes = scope.get("query_string", b"")
-        if len(raw) + len(query) + (1 if query else 0) > MAX_TARGET_BYTES:  # (the '?' counts)
-            raise URITooLong(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
-        if raw[:1] != b"/" or raw.translate(_PATH_TABLE) != raw:
-            raise BadRequest("the request target must be a path of printable ASCII characters")
-        if route.strip_prefix:
-            raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))
-        base = route.upstream.base_path
-        if base:
-            raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
-        elif not raw:
-            raw = b"/"
-        if not query:
-            return raw
-        if query.translate(_QUERY_TABLE) != query:
-            raise BadRequest("the query string must be printable ASCII characters")
-        return raw + b"?" + query
-
-    def _plan(self, route: Route) -> "_Plan":
-        plan = self._plans.get(route.prefix)
-        if plan is None or plan.route is not route:
-            plan = self._plans[route.prefix] = _Plan(route, self.mount_path)
-        return plan
-
-    def proxy_lines(self, scope: Scope, route: Route, info: RequestInfo) -> bytes:
-        """Field lines the proxy adds after filtering: forwarding, Via, request id, token."""
-        return self._proxy_lines(scope, self._plan(route), info)
-
-    def _proxy_lines(self, scope: Scope, plan: "_Plan", info: RequestInfo) -> bytes:
-        route = plan.route
-        version: str = scope.get("http_version", "1.1")
-        via = self._via_lines.get(version) or b"via: %s\r\n" % via_value(version, self._via_marker)
-        lines = forwarded_lines(
-            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=plan.prefix
-        )
-        lines += b"%sx-request-id: %s\r\n" % (via, info.request_id)
-        if self.tokens is not None:
-            token = self.tokens.token_for(route.plugin)
-            if token is not plan.token:
-                plan.secret = token.encode("ascii")
-                plan.token, plan.token_line = token, b"x-mint-internal-token: %s\r\n" % plan.secret
-            lines += plan.token_line
-        return lines
-
-    def proxy_headers(self, scope: Scope, route: Route, info: RequestInfo) -> RawHeaders:
-        """``proxy_lines`` as a header list."""
-        return parse_field_lines(self.proxy_lines(scope, route, info))
+    def _forward(self, route: Route) -> Forward:
+        """The route's ``Forward``, built again only when the route changed."""
+        forward = self._forwards.get(route.prefix)
+        if forward is None or forward.route is not route:
+            forward = self._forwards[route.prefix] = Forward(
+                route, mount_path=self.mount_path, via=self._via, tokens=self.tokens
+            )
+        return forward
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         # One coroutine from the request to the last body chunk: every await level
@@ -333,12 +279,13 @@ class ProxyMiddleware:
         try:
             try:
                 http_version: str = scope.get("http_version", "1.1")
-                info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via_marker)
+                info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via.marker)
                 request_id = info.request_id
                 method: str = scope["method"]
                 if method in REFUSED_METHODS:
                     raise MethodNotAllowed(f"{method} is not forwarded to plugins")
-                target = self.upstream_target(scope, route)
+                forward = self._forward(route)
+                target = forward.target(scope)
                 limit = route.max_body_bytes
                 if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
                     # (HTTP/2 and 3 may carry a body without any framing header, RFC 9113 §8.1.)
@@ -362,11 +309,11 @@ class ProxyMiddleware:
                     raise BadRequest(_LENGTH_MISMATCH)
                 whole = not more  # the whole request goes in one write: it can be sent again
 
-                plan = self._plan(route)
-                lines = field_lines(info.headers) + self._proxy_lines(scope, plan, info)
-                secret = plan.secret  # the token this request carries (the plan's may be renewed meanwhile)
+                added = forward.fields(scope, info)
+                secret = forward.secret  # the token this request carries (the route's may be renewed meanwhile)
                 if info.host is None:
-                    lines += b"host: %s\r\n" % _authority(route)
+                    added.append(forward.host_field)
+                lines = field_lines(info.headers + added)
                 chunked = info.content_length is None and (info.chunked or more)
                 if chunked:
                     lines += b"transfer-encoding: chunked\r\n"
@@ -433,7 +380,7 @@ class ProxyMiddleware:
                 fields = head.headers
                 if conn.secret_in_head:
                     fields = _drop_secret(fields, secret, route)
-                headers = filter_response(fields, request_id=request_id, route=route, client_prefix=plan.prefix)
+                headers = filter_response(fields, request_id=request_id, route=route, client_prefix=forward.prefix)
                 if head.content_length is not None:
                     headers.append((b"content-length", b"%d" % head.content_length))
                 await send({"type": "http.response.start", "status": head.status, "headers": headers})
@@ -493,20 +440,6 @@ class ProxyMiddleware:
             raise RequestTimeout("the client stopped sending the request body") from None
 
 
-class _Plan:
-    """What the proxy works out once per route rather than once per request."""
-
-    __slots__ = ("route", "prefix", "token", "token_line", "secret")
-
-    def __init__(self, route: Route, mount_path: str) -> None:
-        self.route = route
-        # What the client's path has in front of the plugin's: mount_path + prefix when stripped.
-        self.prefix = mount_path + route.prefix if route.strip_prefix else ""
-        self.token: str | None = None
-        self.token_line = b""
-        self.secret = b""  # the token as bytes, looked for in the plugin's response head
-
-
 def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
     """The plugin's response fields without any that carries the token it was given, with a warning.
 
@@ -521,28 +454,6 @@ def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
 
 def _may_retry(conn: Connection, method: str) -> bool:
     return conn.reused and not conn.received_any and conn.request_complete and method in IDEMPOTENT_METHODS
-
-
-def _authority(route: Route) -> bytes:
-    upstream = route.upstream
-    if upstream.unix_path:
-        return b"localhost"
-    return upstream.origin.removeprefix("http://").encode("ascii")
-
-
-def _strip_decoded(raw: bytes, length: int) -> bytes:
-    """Drop the part of ``raw`` that decodes to the first ``length`` characters of the path.
-
-    Route prefixes are ASCII, so each of their characters is one raw byte or one
-    ``%XX`` escape; this keeps the rest of the path byte-for-byte as sent, except
-    that the '/' the route matched on is a '/' even when it came as ``%2F`` (the
-    plugin's path starts there, as under Starlette's ``Mount`` in-process).
-    """
-    pos = 0
-    for _ in range(length):
-        pos += 3 if raw[pos : pos + 1] == b"%" else 1
-    rest = raw[pos:]
-    return b"/" + rest[3:] if rest[:3] in (b"%2F", b"%2f") else rest
 
 
 def _remove_dot_segments(path: str) -> str:

@@ -35,7 +35,7 @@ from .devconfig import (
 )
 from .errors import DevConfigError, MintProxyError
 from .routing import Route
-from .tokens import TokenIssuer
+from .tokens import DEFAULT_TTL, TokenIssuer
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="print an internal token for a plugin, to debug its callbacks")
     token.add_argument("plugin", metavar="PLUGIN", help="the plugin slug, the token's subject")
-    token.add_argument("--ttl", type=float, default=900.0, metavar="SECONDS", help="lifetime (default: %(default)s)")
+    token.add_argument(
+        "--ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS", help="lifetime (default: %(default)s)"
+    )
     token.add_argument(
         "--secret-env", default=SECRET_ENV, metavar="NAME", help="environment variable holding the secret (%(default)s)"
     )

@@ -34,14 +34,13 @@ from typing import Any, NoReturn
 
 from .errors import DevConfigError
 from .plugins.spec import PluginSpec, RestartPolicy, SharedPlugin, check_slug
-from .routing import Route, RouteTable, Upstream, check_mount_path, seconds
+from .routing import DEFAULT_RETRY_WINDOW, Route, RouteTable, Upstream, check_mount_path, seconds
 
 CONFIG_ENV = "MINT_PROXY_CONFIG"
 SECRET_ENV = "MINT_INTERNAL_TOKEN_SECRET"
 KID_ENV = "MINT_INTERNAL_TOKEN_KID"
 RUNTIME_DIR_ENV = "MINT_PROXY_RUNTIME_DIR"
 DEFAULT_CONFIG_PATH = "config.dev.toml"
-DEFAULT_RETRY_WINDOW = 2.0
 DEFAULT_ADMIN_PATH = "/_mint"
 LOG_FORMAT_ENV = "MINT_PROXY_LOG_FORMAT"
 

@@ -19,7 +19,7 @@ through ``inspect_request`` once. That single pass:
 * keeps everything else exactly as sent, ``Authorization``, ``Cookie`` and
   ``Host`` included, in order, duplicates included.
 
-The proxy's own headers are appended afterwards (``ProxyMiddleware.proxy_lines``),
+The proxy's own headers are appended afterwards (``_forward.Forward.fields``),
 so no ``Connection`` token can remove them. Response headers go through
 ``filter_response``: hop-by-hop and framing headers, and any internal token,
 are removed; ``X-Request-Id`` is replaced by the request's; ``Location``
@@ -32,12 +32,15 @@ import os
 import re
 from dataclasses import dataclass
 
+from . import _names
 from .errors import BadRequest, HeadersTooLarge, LoopDetected
 from .routing import Route
 
-REQUEST_ID_HEADER = b"x-request-id"
+# The proxy's own header names as ASGI servers hand them over: lowercase bytes, derived from
+# the one spelling in ``_names`` (public as ``mint_proxy.REQUEST_ID_HEADER`` etc., str).
+REQUEST_ID_FIELD = _names.REQUEST_ID_HEADER.lower().encode("ascii")
+INTERNAL_TOKEN_FIELD = _names.INTERNAL_TOKEN_HEADER.lower().encode("ascii")
 TRACEPARENT_HEADER = b"traceparent"
-INTERNAL_TOKEN_HEADER = b"x-mint-internal-token"
 
 HOP_BY_HOP = frozenset(
     {
@@ -52,7 +55,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Headers the proxy sets itself; a client's copy is never forwarded.
-PROXY_OWNED = frozenset({b"forwarded", b"x-real-ip", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
+PROXY_OWNED = frozenset({b"forwarded", b"x-real-ip", REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD})
 _DROP_FROM_REQUEST = HOP_BY_HOP | PROXY_OWNED | {b"content-length", b"expect"}
 # Request headers the inspection loop looks at; every other lowercase name is kept as is.
 _NOTED = _DROP_FROM_REQUEST | {b"host", b"via"}
@@ -63,7 +66,7 @@ _PROTECTED = frozenset({b"host"})
 # body length is known; Date and Server are set by the ASGI server in front of us
 # (uvicorn, hypercorn, granian all do), so a proxied response looks like a native one
 # instead of carrying two of each.
-_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER}
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server", REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD}
 
 MAX_REQUEST_ID_LENGTH = 128
 # Request head limits the proxy enforces itself (431), whatever the ASGI server let
@@ -131,7 +134,7 @@ def client_request_id(raw: list[tuple[bytes, bytes]]) -> bytes | None:
 
     Used on the error path, where ``inspect_request`` raised before returning it.
     """
-    values = [value for name, value in raw if name == REQUEST_ID_HEADER]
+    values = [value for name, value in raw if name == REQUEST_ID_FIELD]
     if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
         return values[0]
     return trace_id(raw)
@@ -238,7 +241,7 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
                     encodings.append(value)
                 elif name == b"connection":
                     connection_tokens.update(t.strip().lower() for t in value.split(b","))
-                elif name == REQUEST_ID_HEADER:
+                elif name == REQUEST_ID_FIELD:
                     request_ids.append(value)
                 continue
         elif unusual and _is_dropped_alias(name):
@@ -295,39 +298,34 @@ def _via_names(value: bytes, marker: bytes) -> bool:
     return False
 
 
-_PROTO_LINES = {
-    "http": b"x-forwarded-proto: http\r\n",
-    "https": b"x-forwarded-proto: https\r\n",
-    "ws": b"x-forwarded-proto: http\r\n",
-    "wss": b"x-forwarded-proto: https\r\n",
+_PROTO_FIELDS = {
+    "http": (b"x-forwarded-proto", b"http"),
+    "https": (b"x-forwarded-proto", b"https"),
+    "ws": (b"x-forwarded-proto", b"http"),
+    "wss": (b"x-forwarded-proto", b"https"),
 }
 
 
-def forwarded_lines(info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str) -> bytes:
-    """The ``X-Forwarded-*`` field lines, built only from the ASGI scope (never from client headers).
+def forwarded_fields(
+    info: RequestInfo, *, client: tuple[str, int] | None, scheme: str, forwarded_prefix: str
+) -> list[tuple[bytes, bytes]]:
+    """The ``X-Forwarded-*`` fields, built only from the ASGI scope (never from client headers).
 
     The ASGI server decides which upstream proxies to trust (uvicorn's
     ``--forwarded-allow-ips``) and has already put the result in the scope.
-    Each line ends in CRLF; ``field_lines``/``parse_field_lines`` convert.
     """
-    lines = _PROTO_LINES.get(scheme) or b"x-forwarded-proto: %s\r\n" % scheme.encode("latin-1")
-    if client:
-        lines = b"x-forwarded-for: %s\r\n%s" % (client[0].encode("latin-1"), lines)
+    proto = _PROTO_FIELDS.get(scheme) or (b"x-forwarded-proto", scheme.encode("latin-1"))
+    fields = [(b"x-forwarded-for", client[0].encode("latin-1")), proto] if client else [proto]
     if info.host is not None:
-        lines += b"x-forwarded-host: %s\r\n" % info.host
+        fields.append((b"x-forwarded-host", info.host))
     if forwarded_prefix:
-        lines += b"x-forwarded-prefix: %s\r\n" % forwarded_prefix.encode("latin-1")
-    return lines
+        fields.append((b"x-forwarded-prefix", forwarded_prefix.encode("latin-1")))
+    return fields
 
 
 def field_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     """``name: value`` CRLF for each header, as they go on the wire."""
     return b"".join([b"%s: %s\r\n" % field for field in headers])
-
-
-def parse_field_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
-    """The inverse of ``field_lines`` (for lines this module built: no folding, no stray CRLF)."""
-    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n") if line)]
 
 
 def via_value(http_version: str, pseudonym: bytes) -> bytes:
@@ -353,7 +351,7 @@ def filter_response(
             return _filter_response_fully(raw, request_id=request_id, route=route, client_prefix=client_prefix)
         else:
             out.append(item)
-    out.append((REQUEST_ID_HEADER, request_id))
+    out.append((REQUEST_ID_FIELD, request_id))
     return out
 
 
@@ -370,12 +368,12 @@ def _filter_response_fully(
             continue
         if b"_" in name or b"." in name:
             canonical = _canonical(name)
-            if canonical in (REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER):
+            if canonical in (REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD):
                 continue
         if name == b"location":
             value = rewrite_location(value, route=route, client_prefix=client_prefix)
         out.append((name, value))
-    out.append((REQUEST_ID_HEADER, request_id))
+    out.append((REQUEST_ID_FIELD, request_id))
     return out
 
 

@@ -37,7 +37,7 @@ from .errors import MintProxyError, UpstreamProtocolError, UpstreamTimeout, Upst
 from .plugins.spec import PluginState, PluginStatus
 
 if TYPE_CHECKING:
-    from ._accesslog import Exchange
+    from ._exchange import Exchange
     from ._upstream import UpstreamPool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

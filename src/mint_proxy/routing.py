@@ -22,6 +22,7 @@ from typing import Any
 from .errors import RouteNotFound
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_RETRY_WINDOW = 2.0  # seconds refused connections to a plugin are retried (a restart)
 DEFAULT_READ_TIMEOUT = 300.0
 # uvicorn's --ws-max-size default: the largest WebSocket message relayed in either direction.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024

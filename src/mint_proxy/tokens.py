@@ -33,9 +33,10 @@ from jwt.exceptions import InvalidSubjectError  # not re-exported by jwt/__init_
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from mint_proxy._names import INTERNAL_TOKEN_HEADER
 from mint_proxy.errors import InvalidInternalToken
 
-INTERNAL_TOKEN_HEADER = "X-Mint-Internal-Token"
+DEFAULT_TTL = 900.0  # seconds a token lives (TokenIssuer, `mint-proxy token --ttl`)
 TOKEN_AUDIENCE = "mint-internal"
 TOKEN_ISSUER = "mint-platform"
 TOKEN_TYPE = "mint-internal+jwt"
@@ -147,7 +148,7 @@ class TokenIssuer:
         secret: str | bytes,
         *,
         kid: str | None = None,
-        ttl: float = 900.0,
+        ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._secret = _secret(secret, "secret")

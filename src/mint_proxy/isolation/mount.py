@@ -49,7 +49,7 @@ from mint_plugin.client import serve_in_process
 from .._respond import send_error
 from .._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ..errors import MintProxyError
-from ..headers import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, client_request_id, new_request_id
+from ..headers import INTERNAL_TOKEN_FIELD, REQUEST_ID_FIELD, client_request_id, new_request_id
 from ..plugins.spec import SharedPlugin as SharedPlugin  # re-exported: the one shared-plugin type
 from ..routing import check_mount_path
 from ..tokens import TokenIssuer
@@ -59,7 +59,7 @@ logger = logging.getLogger("mint_proxy")
 
 #: A held 5xx response is released once it holds this many body bytes (a streaming error page).
 HOLD_LIMIT = 64 * 1024
-_OWNED = frozenset({REQUEST_ID_HEADER, INTERNAL_TOKEN_HEADER})
+_OWNED = frozenset({REQUEST_ID_FIELD, INTERNAL_TOKEN_FIELD})
 
 
 class SharedPluginImportError(MintProxyError):
@@ -175,9 +175,9 @@ class SharedPluginsMiddleware:
             return
         token = self.tokens.token_for(plugin.slug) if self.tokens is not None else None
         headers = [(name, value) for name, value in raw if name not in _OWNED]
-        headers.append((REQUEST_ID_HEADER, request_id))
+        headers.append((REQUEST_ID_FIELD, request_id))
         if token is not None:
-            headers.append((INTERNAL_TOKEN_HEADER, token.encode("ascii")))
+            headers.append((INTERNAL_TOKEN_FIELD, token.encode("ascii")))
         inner = dict(scope, headers=headers, state=self._states[plugin.slug].copy())
         if plugin.strip_prefix:
             inner["root_path"] = scope.get("root_path", "") + self.mount_path + plugin.prefix
@@ -199,8 +199,8 @@ async def _serve_http(plugin: SharedPlugin, scope: Scope, receive: Receive, send
     async def send_with_request_id(message: Message) -> None:
         nonlocal started, held_bytes
         if message["type"] == "http.response.start":
-            headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_HEADER]
-            message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id)]}
+            headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_FIELD]
+            message = {**message, "headers": [*headers, (REQUEST_ID_FIELD, request_id)]}
             if message["status"] >= 500:
                 held.append(message)
                 return

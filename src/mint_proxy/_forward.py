@@ -1,0 +1,136 @@
+"""What is sent upstream for a route: the request target and the header fields the proxy adds.
+
+One ``Forward`` per route, built when the route changes (``ProxyMiddleware`` keeps them by
+prefix) and used by both the HTTP and the WebSocket path, so each rule has one home:
+
+- the request target the plugin receives (``target``): the client's raw path, the route
+  prefix stripped when the route says so, the upstream's base path in front;
+- the fields the proxy adds after filtering the client's (``fields``): ``X-Forwarded-*``,
+  ``Via``, ``X-Request-Id`` and the plugin's internal token, as a header list (the HTTP path
+  serialises it once, together with the client's fields; nothing is parsed back);
+- the authority for a ``Host`` the client did not send (``host_field``);
+- the prefix the client's path has in front of the plugin's (``prefix``), for
+  ``X-Forwarded-Prefix`` and for rewriting ``Location``.
+"""
+
+from urllib.parse import quote
+
+from ._types import RawHeaders, Scope
+from .errors import BadRequest, URITooLong
+from .headers import INTERNAL_TOKEN_FIELD, REQUEST_ID_FIELD, RequestInfo, _keep_only, forwarded_fields, via_value
+from .routing import Route
+from .tokens import TokenIssuer
+
+# The longest request target (raw path, '?', query) forwarded: nginx's default, a request line
+# that fits in one 8 KiB large_client_header_buffers buffer. Longer is a 414.
+MAX_TARGET_BYTES = 8 * 1024
+# The request target's path: printable ASCII without '#' and '?' (``raw.translate(_PATH_TABLE) == raw``);
+# its query: any printable ASCII (uvicorn's h11 side leaves a '#fragment' in it; the plugin's server
+# parses it as it would in-process). Nothing that could end or split the request line.
+_PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
+_QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
+
+
+class Via:
+    """This proxy's ``Via`` identity: the marker a loop is detected by, and its fields per HTTP version."""
+
+    __slots__ = ("marker", "_fields")
+
+    def __init__(self, pseudonym: str) -> None:
+        self.marker = pseudonym.encode("ascii")
+        self._fields = {v: (b"via", via_value(v, self.marker)) for v in ("1.0", "1.1", "2")}
+
+    def field(self, http_version: str) -> tuple[bytes, bytes]:
+        return self._fields.get(http_version) or (b"via", via_value(http_version, self.marker))
+
+
+class Forward:
+    """What the proxy works out once per route rather than once per request."""
+
+    __slots__ = (
+        "route",
+        "mount_path",
+        "prefix",
+        "host_field",
+        "via_marker",
+        "_via",
+        "_tokens",
+        "_token",
+        "token_field",
+        "secret",
+    )
+
+    def __init__(self, route: Route, *, mount_path: str, via: Via, tokens: TokenIssuer | None) -> None:
+        self.route = route
+        self.mount_path = mount_path
+        # What the client's path has in front of the plugin's: mount_path + prefix when stripped.
+        self.prefix = mount_path + route.prefix if route.strip_prefix else ""
+        self.host_field = (b"host", _authority(route))
+        self._via = via
+        self.via_marker = via.marker  # a request whose Via carries it has looped through this proxy
+        self._tokens = tokens
+        self._token: str | None = None
+        self.token_field = (INTERNAL_TOKEN_FIELD, b"")
+        self.secret = b""  # the token as bytes, looked for in the plugin's response head
+
+    def target(self, scope: Scope) -> bytes:
+        """The request-target the plugin receives: the client's raw path, unless stripped."""
+        raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        query: bytes = scope.get("query_string", b"")
+        if len(raw) + len(query) + (1 if query else 0) > MAX_TARGET_BYTES:  # (the '?' counts)
+            raise URITooLong(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
+        if raw[:1] != b"/" or raw.translate(_PATH_TABLE) != raw:
+            raise BadRequest("the request target must be a path of printable ASCII characters")
+        route = self.route
+        if route.strip_prefix:
+            raw = _strip_decoded(raw, len(self.mount_path) + len(route.prefix))
+        base = route.upstream.base_path
+        if base:
+            raw = base.encode("ascii") + (b"" if raw == b"/" and route.strip_prefix else raw)
+        elif not raw:
+            raw = b"/"
+        if not query:
+            return raw
+        if query.translate(_QUERY_TABLE) != query:
+            raise BadRequest("the query string must be printable ASCII characters")
+        return raw + b"?" + query
+
+    def fields(self, scope: Scope, info: RequestInfo) -> RawHeaders:
+        """Fields the proxy adds after filtering: forwarding, Via, request id, token.
+
+        ``secret`` is then the token these fields carry (read it before the next call).
+        """
+        fields = forwarded_fields(
+            info, client=scope.get("client"), scheme=scope.get("scheme", "http"), forwarded_prefix=self.prefix
+        )
+        fields.append(self._via.field(scope.get("http_version", "1.1")))
+        fields.append((REQUEST_ID_FIELD, info.request_id))
+        if self._tokens is not None:
+            token = self._tokens.token_for(self.route.plugin)
+            if token is not self._token:
+                self.secret = token.encode("ascii")
+                self._token, self.token_field = token, (INTERNAL_TOKEN_FIELD, self.secret)
+            fields.append(self.token_field)
+        return fields
+
+
+def _authority(route: Route) -> bytes:
+    upstream = route.upstream
+    if upstream.unix_path:
+        return b"localhost"
+    return upstream.origin.removeprefix("http://").encode("ascii")
+
+
+def _strip_decoded(raw: bytes, length: int) -> bytes:
+    """Drop the part of ``raw`` that decodes to the first ``length`` characters of the path.
+
+    Route prefixes are ASCII, so each of their characters is one raw byte or one
+    ``%XX`` escape; this keeps the rest of the path byte-for-byte as sent, except
+    that the '/' the route matched on is a '/' even when it came as ``%2F`` (the
+    plugin's path starts there, as under Starlette's ``Mount`` in-process).
+    """
+    pos = 0
+    for _ in range(length):
+        pos += 3 if raw[pos : pos + 1] == b"%" else 1
+    rest = raw[pos:]
+    return b"/" + rest[3:] if rest[:3] in (b"%2F", b"%2f") else rest
