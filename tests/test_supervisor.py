@@ -41,6 +41,30 @@ def runtime_dir() -> object:
         yield path
 
 
+async def test_no_state_file_written_while_starting_calls_a_plugin_unavailable(
+    runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every state.json written during start() shows the plugin STARTING or READY, never one of the
+    states routing workers answer 503 for: a worker that reads the first file must let its retry
+    bridge the start, not refuse requests until its next poll."""
+    from mint_proxy.plugins import runtime
+    from mint_proxy.plugins.spec import UNAVAILABLE_STATES
+
+    written: list[PluginState] = []
+    write_state = runtime.write_state
+
+    def recording(directory: str, statuses: dict[str, object], **kwargs: object) -> None:
+        written.extend(status.state for status in statuses.values())  # type: ignore[attr-defined]
+        write_state(directory, statuses, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "write_state", recording)
+    async with supervising([app_spec("hello")], runtime_dir) as supervisor:
+        assert supervisor.status()["hello"].state is PluginState.READY
+    assert written[-1] is PluginState.STOPPED  # (stop() records it)
+    starting = written[: written.index(PluginState.READY) + 1]
+    assert starting and not UNAVAILABLE_STATES.intersection(starting), written
+
+
 async def test_start_reports_ready_with_its_endpoint_in_status_and_state_file(runtime_dir: str) -> None:
     """A started plugin is READY, answers on <runtime_dir>/<slug>.sock, and state.json says the same."""
     async with supervising([app_spec("hello")], runtime_dir) as supervisor:

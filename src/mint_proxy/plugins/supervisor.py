@@ -62,6 +62,7 @@ class PluginSupervisor:
             self._specs[spec.slug] = spec
         self._runners: dict[str, PluginRunner] = {}
         self._last: dict[str, PluginStatus] = {}  # final statuses from before the last stop()
+        self._launching: set[str] = set()  # what start() launches next (reported STARTING meanwhile)
         self._context: RunnerContext | None = None
         self._lifeline_write = -1
         self._started = 0.0
@@ -78,7 +79,11 @@ class PluginSupervisor:
         return self._started
 
     def status(self) -> dict[str, PluginStatus]:
-        """Every plugin's current status, by slug (STOPPED for those not started yet)."""
+        """Every plugin's current status, by slug.
+
+        A plugin ``start()`` is about to launch is STARTING (routing workers reading the first
+        ``state.json`` must bridge it with their retry, not answer 503); one never launched, STOPPED.
+        """
         result = {}
         for slug, spec in self._specs.items():
             runner = self._runners.get(slug)
@@ -87,9 +92,8 @@ class PluginSupervisor:
             elif slug in self._last:
                 result[slug] = self._last[slug]
             else:
-                result[slug] = PluginStatus(
-                    slug, spec.prefix, PluginState.STOPPED, "unix:" + spec.socket_path(self.runtime_dir)
-                )
+                pending = PluginState.STARTING if slug in self._launching else PluginState.STOPPED
+                result[slug] = PluginStatus(slug, spec.prefix, pending, "unix:" + spec.socket_path(self.runtime_dir))
         return result
 
     async def start(self) -> dict[str, PluginStatus]:
@@ -111,6 +115,7 @@ class PluginSupervisor:
                 changed=self._changed,
                 supervisor_start_time=runtime.process_start_time(os.getpid()) or 0,
             )
+            self._launching = set(self._specs)
             self._write_state()
         await asyncio.gather(*(self.start_plugin(slug) for slug in list(self._specs)))
         return self.status()
@@ -118,6 +123,7 @@ class PluginSupervisor:
     async def stop(self) -> None:
         """Stop every plugin (concurrently) and release the lifeline; the supervisor can start again."""
         self._stops += 1
+        self._launching.clear()
         await asyncio.gather(*(runner.stop() for runner in self._runners.values()))
         for runner in self._runners.values():
             runner.close()
@@ -133,6 +139,7 @@ class PluginSupervisor:
     async def start_plugin(self, slug: str) -> PluginStatus:
         """Start one plugin (also one that is FATAL or STOPPED); return once READY or failed."""
         runner = self._runner(slug)
+        self._launching.discard(slug)
         await runner.start()
         return runner.status()
 
