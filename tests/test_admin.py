@@ -4,7 +4,6 @@ Standalone (``DevProxyApp`` under ``/_mint``), mounted in FastAPI, and ``uvicorn
 with a Prometheus multiprocess directory.
 """
 
-import logging
 import os
 import re
 import subprocess
@@ -25,17 +24,6 @@ from mint_proxy.plugins.spec import PluginState, PluginStatus
 
 from .conftest import PluginServer
 from .utils import SECRET, RawBackend, free_port, serve
-
-
-@pytest.fixture(autouse=True)
-def restore_mint_proxy_logger() -> Iterator[None]:
-    """``DevProxyApp``'s lifespan gives the ``mint_proxy`` logger a stderr handler; undo it after each test."""
-    logger = logging.getLogger("mint_proxy")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.propagate = propagate
-    logger.setLevel(level)
 
 
 def sample(text: str, name: str, **labels: str) -> float:
