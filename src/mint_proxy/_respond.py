@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 
 from ._types import Message, RawHeaders, Send
+from .errors import ProxyError
 from .headers import REQUEST_ID_FIELD
 
 
@@ -41,3 +42,16 @@ async def send_error(
     await send(message)
     await send({"type": "http.response.body", "body": body})
     return len(body)
+
+
+async def send_proxy_error(send: Send, error: ProxyError, request_id: bytes) -> int:
+    """Send ``error`` as its JSON response (status, headers, whether to close); return the body's length."""
+    return await send_error(
+        send,
+        error.status,
+        error.error,
+        error.detail,
+        request_id,
+        close=error.close_connection,
+        extra_headers=error.headers,
+    )

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from ._accesslog import Failure, access_logger, finish_http, refusal
 from ._forward import Forward, Via
-from ._respond import send_error
+from ._respond import send_proxy_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from ._upstream import Connection, UpstreamPool
 from ._websocket import deny_websocket, proxy_websocket
@@ -236,15 +236,7 @@ class ProxyMiddleware:
         """Answer a request the proxy will not forward, HTTP or WebSocket alike."""
         request_id = client_request_id(scope["headers"]) or new_request_id()
         if scope["type"] == "http":
-            sent = await send_error(
-                send,
-                error.status,
-                error.error,
-                error.detail,
-                request_id,
-                close=error.close_connection,
-                extra_headers=error.headers,
-            )
+            sent = await send_proxy_error(send, error, request_id)
             refusal(self.metrics, scope, plugin, request_id, error, bytes_out=sent)
         else:
             await deny_websocket(self.metrics, scope, send, error, request_id, 0.0, plugin)
@@ -393,15 +385,7 @@ class ProxyMiddleware:
                 status, failure = exc.status, (f"{exc.error}: {exc.detail}", exc, False)
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
-                sent = await send_error(
-                    send,
-                    exc.status,
-                    exc.error,
-                    exc.detail,
-                    request_id,
-                    close=exc.close_connection,
-                    extra_headers=exc.headers,
-                )
+                sent = await send_proxy_error(send, exc, request_id)
                 return
 
             # The response has started. From here a failure aborts the client's connection
