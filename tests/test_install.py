@@ -295,6 +295,14 @@ def test_cli_recheck_json(
     assert config.read_text() == before
 
 
+def test_cli_recheck_of_a_missing_spec_file_fails_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``recheck --config`` naming no file is an error that names it, not an empty success."""
+    missing = tmp_path / "nowhere" / "plugins.toml"
+    assert main(["recheck", "--config", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing}: no such spec file" in err and "Traceback" not in err
+
+
 def test_concurrent_installs_keep_both_blocks(tmp_path: Path) -> None:
     """Two writers of one spec file at once: each block survives (the read-modify-write is locked)."""
     import threading

@@ -185,6 +185,8 @@ def recheck(
     it away. With ``apply=True`` a plugin that now clashes is reinstalled (isolated).
     """
     config = Path(config)
+    if not config.is_file():
+        raise InstallError("", f"{config}: no such spec file (recheck reads the plugins an install wrote there)")
     home_dir = Path(home) if home is not None else config.parent / HOME_NAME
     shared = [slug for slug, mode in managed_entries(config).items() if mode == "shared"]
     wheels = []
