@@ -106,6 +106,28 @@ def test_empty_admin_path_turns_the_views_off(tmp_path: Path, plugin: PluginServ
         assert httpx.get(running.url + "/_mint/healthz", timeout=10).status_code == 404
 
 
+def test_metrics_setting_off_counts_nothing_and_hides_the_view(tmp_path: Path, plugin: PluginServer) -> None:
+    """``[settings] metrics = false``: the standalone app counts nothing and its metrics view is a 404."""
+    config = tmp_path / "config.dev.toml"
+    config.write_text(f'[settings]\nmetrics = false\n[proxy]\n"/peak" = "{plugin.url}"\n', encoding="utf-8")
+    app = DevProxyApp(environ={CONFIG_ENV: str(config), SECRET_ENV: SECRET})
+    with serve(app, lifespan="on") as running:
+        assert httpx.get(running.url + "/peak/x", timeout=10).status_code == 200
+        assert httpx.get(running.url + "/_mint/healthz", timeout=10).status_code == 200
+        response = httpx.get(running.url + "/_mint/metrics", timeout=10)
+    assert app.metrics is None and app.proxy is not None and app.proxy.metrics is None
+    assert response.status_code == 404 and "metrics are off" in response.json()["detail"]
+
+
+def test_metrics_setting_must_be_a_boolean() -> None:
+    """A ``metrics`` setting that is not true or false is a config error naming the file and key."""
+    with pytest.raises(
+        DevConfigError, match=r"c\.toml: \[settings\]\.metrics: must be true or false, got .no. \(a string\)"
+    ):
+        parse_dev_config('[settings]\nmetrics = "no"\n', path="c.toml")
+    assert parse_dev_config("").metrics is True
+
+
 def fake_statuses() -> dict[str, PluginStatus]:
     return {
         "peak": PluginStatus(

@@ -29,8 +29,8 @@ Startup logs which file was loaded and which routes are active (a WARNING when
 there are none: every request would be a 404). The admin views (``admin.AdminApp``)
 answer under ``[settings] admin_path`` (default ``/_mint``), with each supervised
 plugin's state from ``state.json``; metrics are on when ``prometheus_client`` is
-installed (``mint-proxy[metrics]``). The log format is ``$MINT_PROXY_LOG_FORMAT``
-(``text`` or ``json``).
+installed (``mint-proxy[metrics]``) unless ``[settings] metrics = false``. The log
+format is ``$MINT_PROXY_LOG_FORMAT`` (``text`` or ``json``).
 """
 
 import asyncio
@@ -144,7 +144,7 @@ class DevProxyApp:
         self.state = StateWatcher(runtime_dir)
         self.state.check()
         plugin_status = self._plugin_status or self._statuses
-        if importlib.util.find_spec("prometheus_client") is not None:
+        if config.metrics and importlib.util.find_spec("prometheus_client") is not None:
             self.metrics = ProxyMetrics(plugin_status=plugin_status, environ=environ)
         self.proxy = ProxyMiddleware(
             app,

@@ -73,7 +73,7 @@ _PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 _RESTART_KEYS = ("backoff_initial", "backoff_max", "stable_after", "crash_limit", "crash_window")
 _SHARED_KEYS = ("app", "plugin", "strip_prefix")
-_SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir", "admin_path")
+_SETTINGS_KEYS = ("mount_path", "retry_window", "runtime_dir", "admin_path", "metrics")
 _TOP_LEVEL_KEYS = ("proxy", "settings", "shared")
 # sun_path holds 108 bytes on Linux (104 on macOS), the terminating NUL included.
 MAX_SOCKET_PATH_BYTES = 103 if os.uname().sysname == "Darwin" else 107
@@ -88,6 +88,8 @@ class DevConfig:
     ``mount_path`` is where the proxy sits (``""`` or e.g. ``"/api"``), and
     ``retry_window`` is how many seconds refused connections are retried.
     ``admin_path`` is where the standalone app serves its admin views (``""``: nowhere).
+    ``metrics`` says whether the standalone app counts requests (when ``prometheus_client`` is
+    installed); off, nothing is counted and ``<admin_path>/metrics`` is a 404.
     """
 
     path: str
@@ -102,6 +104,7 @@ class DevConfig:
     #: ``[shared."/prefix"]``: plugins the platform mounts in-process (``app`` is an import string).
     shared: tuple[SharedPlugin, ...] = ()
     admin_path: str = DEFAULT_ADMIN_PATH
+    metrics: bool = True
 
 
 def config_path_from_environ(environ: Mapping[str, str]) -> str:
@@ -239,6 +242,7 @@ def parse_dev_config(
         plugins=tuple(plugins),
         shared=shared,
         admin_path=admin_path,
+        metrics=_metrics(path, settings.get("metrics", True)),
     )
 
 
@@ -455,6 +459,12 @@ def _admin_path(path: str, value: object) -> str:
         _fail(path, where, f"{value!r} must be \"\" or a path like \"/_mint\": a leading '/', no trailing '/'")
 
 
+def _metrics(path: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        _fail(path, _where(("settings",), "metrics"), f"must be true or false, got {_kind(value)}")
+    return value
+
+
 def _retry_window(path: str, value: object) -> float:
     where = _where(("settings",), "retry_window")
     window = seconds(value)
@@ -533,7 +543,7 @@ class ConfigWatcher:
         except DevConfigError:
             self._signature = None  # broken since the caller loaded it: the first check reports why
             return
-        self._settings = (config.mount_path, config.retry_window, config.admin_path)
+        self._settings = (config.mount_path, config.retry_window, config.admin_path, config.metrics)
         if config.routes != routes:
             self._signature = None  # edited since the caller loaded it: reload on the first check
 
@@ -557,10 +567,10 @@ class ConfigWatcher:
             if self._on_reload is not None:
                 self._on_reload(None)
             return False
-        settings = (config.mount_path, config.retry_window, config.admin_path)
+        settings = (config.mount_path, config.retry_window, config.admin_path, config.metrics)
         if self._settings is not None and settings != self._settings:
             self._logger.warning(
-                "%s: mount_path/retry_window/admin_path changed; restart the proxy to apply them (routes apply now)",
+                "%s: a [settings] value changed; restart the proxy to apply it (routes apply now)",
                 self.path,
             )
         self._settings = settings
