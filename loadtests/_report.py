@@ -13,6 +13,11 @@ GOAL_ADDED_P50_VS_NGINX = 1.3
 GOAL_GET_RATIO = 0.6
 GOAL_POST_RATIO = 0.7
 GOAL_RSS_MIB = 64.0
+# Against asgi_floor, the cheapest ASGI forwarder under the same uvicorn, in the same round: what
+# the proxy's own work costs, whatever the machine (a faster machine moves direct, not these).
+GOAL_CPU64_VS_FLOOR = 1.3
+GOAL_ADDED_P50_VS_FLOOR = 1.15
+GOAL_RPS64_VS_FLOOR = 0.85
 
 
 @dataclass(slots=True)
@@ -79,6 +84,16 @@ RELATIVE_METRICS: dict[str, Callable[[RoundResult, RoundResult], float | None]] 
 }
 
 
+# Per round, the target's value against asgi_floor's in the same round (then the median).
+FLOOR_METRICS: dict[str, Callable[[RoundResult, RoundResult, RoundResult | None], float | None]] = {
+    "cpu64_vs_floor": lambda r, f, d: _ratio(r.proxy_cpu_us, f.proxy_cpu_us),
+    "rps64_vs_floor": lambda r, f, d: _ratio(r.rps64, f.rps64),
+    "added_p50_vs_floor": lambda r, f, d: (
+        _ratio(_diff(r.p50_us, d.p50_us), _diff(f.p50_us, d.p50_us)) if d is not None else None
+    ),
+}
+
+
 def _median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -87,6 +102,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 def summarize(results: Sequence[RoundResult], targets: Sequence[str]) -> list[Summary]:
     """Median of each metric over the rounds, per target, in ``targets`` order."""
     direct = {r.round: r for r in results if r.target == "direct"}
+    floor = {r.round: r for r in results if r.target == "asgi_floor"}
     summaries = []
     for name in targets:
         rows = [r for r in results if r.target == name]
@@ -95,6 +111,8 @@ def summarize(results: Sequence[RoundResult], targets: Sequence[str]) -> list[Su
         values: dict[str, float | None] = {k: _median([get(r) for r in rows]) for k, get in DIRECT_METRICS.items()}
         for key, rel in RELATIVE_METRICS.items():
             values[key] = _median([rel(r, direct[r.round]) for r in rows if r.round in direct])
+        for key, against in FLOOR_METRICS.items():
+            values[key] = _median([against(r, floor[r.round], direct.get(r.round)) for r in rows if r.round in floor])
         summaries.append(Summary(name, len(rows), values))
     for reference in ("nginx", "asgi_floor"):
         found = next((s for s in summaries if s.target == reference), None)
@@ -144,6 +162,16 @@ def _goal_rows(summary: Summary) -> list[list[str]]:
     return [[summary.target, label, _fmt(value, d), goal, verdict[ok]] for label, value, goal, ok, d in checks]
 
 
+def _floor_verdict(summary: Summary) -> str:
+    """ "yes" when every ratio to the floor meets its goal, "**NO**" when one does not, "—" if one is missing."""
+    v = summary.values
+    cpu, added, rps = v["cpu64_vs_floor"], v["added_p50_vs_floor"], v["rps64_vs_floor"]
+    if cpu is None or added is None or rps is None:
+        return "—"
+    met = cpu <= GOAL_CPU64_VS_FLOOR and added <= GOAL_ADDED_P50_VS_FLOOR and rps >= GOAL_RPS64_VS_FLOOR
+    return "yes" if met else "**NO**"
+
+
 def render(
     summaries: Sequence[Summary],
     results: Sequence[RoundResult],
@@ -153,6 +181,29 @@ def render(
 ) -> str:
     """The whole report as markdown."""
     out = ["# mint_proxy benchmark", "", *(f"- {line}" for line in meta), ""]
+    floor_rows = [s for s in summaries if s.target.startswith("mint_proxy") and s.values["cpu64_vs_floor"]]
+    if floor_rows:
+        out += ["## Against the floor (`asgi_floor`, same round; the goals)", ""]
+        out += _table(
+            [
+                "target",
+                f"CPU µs/req @64 ÷ floor's (goal ≤ {GOAL_CPU64_VS_FLOOR})",
+                f"added p50 @1 ÷ floor's (goal ≤ {GOAL_ADDED_P50_VS_FLOOR})",
+                f"req/s @64 ÷ floor's (goal ≥ {GOAL_RPS64_VS_FLOOR})",
+                "all met",
+            ],
+            [
+                [
+                    s.target,
+                    _fmt(s.values["cpu64_vs_floor"], 2),
+                    _fmt(s.values["added_p50_vs_floor"], 2),
+                    _fmt(s.values["rps64_vs_floor"], 2),
+                    _floor_verdict(s),
+                ]
+                for s in floor_rows
+            ],
+        )
+        out.append("")
     out += ["## Latency at 1 connection (small GET, `wrk -t1 -c1`)", ""]
     out += _table(
         [

@@ -16,9 +16,10 @@ from pathlib import Path
 from loadtests._procs import Child, Supervisor, process_tree
 from loadtests._transfer import get_small
 
-ALL_TARGETS = ("direct", "nginx", "asgi_floor", "mint_proxy", "mint_proxy_unix")
-# References measured for small GETs only (no streamed transfers, no goals): see loadtests/floor.py.
-REFERENCE_ONLY = frozenset({"asgi_floor"})
+ALL_TARGETS = ("direct", "nginx", "asgi_floor", "mint_proxy", "mint_proxy_unix", "mint_proxy_nometrics")
+# Measured for small GETs only (no streamed transfers): the floor (a reference, see loadtests/floor.py)
+# and mint_proxy with `[settings] metrics = false` (what counting costs per request).
+REFERENCE_ONLY = frozenset({"asgi_floor", "mint_proxy_nometrics"})
 PREFIX = "/bench"
 CLIENT_CPU = 0
 BACKEND_CPU = 0
@@ -167,11 +168,12 @@ def _start_nginx(supervisor: Supervisor, backend: Backend, tmp: Path) -> Target:
     return Target("nginx", port, child)
 
 
-def _start_mint_proxy(supervisor: Supervisor, backend: Backend, tmp: Path, *, app: str, unix: bool) -> Target:
-    name = "mint_proxy_unix" if unix else "mint_proxy"
+def _start_mint_proxy(supervisor: Supervisor, backend: Backend, tmp: Path, *, app: str, name: str) -> Target:
+    unix = name == "mint_proxy_unix"
     upstream = f"unix:{backend.unix_path}" if unix else f"http://127.0.0.1:{backend.port}"
+    settings = "[settings]\nmetrics = false\n" if name == "mint_proxy_nometrics" else ""
     config = tmp / f"{name}.toml"
-    config.write_text(f'[proxy]\n"{PREFIX}" = "{upstream}"\n')
+    config.write_text(f'{settings}[proxy]\n"{PREFIX}" = "{upstream}"\n')
     port = free_port()
     env = _python_env({"MINT_PROXY_CONFIG": str(config), "MINT_INTERNAL_TOKEN_SECRET": secrets.token_urlsafe(48)})
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
@@ -210,6 +212,6 @@ def start_target(name: str, supervisor: Supervisor, backend: Backend, tmp: Path,
             return _start_nginx(supervisor, backend, tmp)
         case "asgi_floor":
             return _start_floor(supervisor, backend, tmp)
-        case "mint_proxy" | "mint_proxy_unix":
-            return _start_mint_proxy(supervisor, backend, tmp, app=mint_app, unix=name == "mint_proxy_unix")
+        case "mint_proxy" | "mint_proxy_unix" | "mint_proxy_nometrics":
+            return _start_mint_proxy(supervisor, backend, tmp, app=mint_app, name=name)
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")

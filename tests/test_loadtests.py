@@ -52,6 +52,27 @@ def test_report_gives_latency_against_nginx_and_the_floor_and_cpu_at_one_connect
     )
 
 
+def test_report_leads_with_the_ratios_to_the_floor_taken_round_by_round() -> None:
+    """The report opens with CPU, added p50 and throughput against asgi_floor's in the same round, and the goals."""
+    rounds = [
+        RoundResult("direct", 0, p50_us=50, rps64=30000),
+        RoundResult("asgi_floor", 0, p50_us=150, rps64=20000, proxy_cpu_us=40),
+        RoundResult("mint_proxy", 0, p50_us=160, rps64=18000, proxy_cpu_us=50),
+        RoundResult("direct", 1, p50_us=60, rps64=30000),
+        RoundResult("asgi_floor", 1, p50_us=260, rps64=10000, proxy_cpu_us=80),
+        RoundResult("mint_proxy", 1, p50_us=300, rps64=9000, proxy_cpu_us=120),
+    ]
+    summaries = summarize(rounds, ["direct", "asgi_floor", "mint_proxy"])
+    mint = summaries[-1].values
+
+    assert mint["cpu64_vs_floor"] == (50 / 40 + 120 / 80) / 2  # per round, then the median of two
+    assert mint["added_p50_vs_floor"] == (110 / 100 + 240 / 200) / 2
+    assert mint["rps64_vs_floor"] == 0.9
+    report = render(summaries, rounds, meta=[], skipped={})
+    assert report.index("## Against the floor") < report.index("## Latency")
+    assert "| mint_proxy | 1.38 | 1.15 | 0.90 | **NO** |" in report  # CPU is over its 1.3 goal
+
+
 def _demo_paths() -> dict[str, str]:
     """``DEMO_PATHS`` from the locustfile, read without importing locust (it monkeypatches the process)."""
     tree = ast.parse(LOCUSTFILE.read_text(encoding="utf-8"))
