@@ -112,7 +112,6 @@ async def measure(requests: int, metrics: bool = False) -> Measured:
         raise RuntimeError("the bench route does not match")
     conn = Connection(proxy.pool, route.upstream)
     conn.connection_made(_EchoTransport(loop, conn))  # type: ignore[arg-type]
-    conn.request_complete = True
     conn.idle_since = time.monotonic()
     proxy.pool._idle[route.upstream.address] = [conn]
     elapsed, statuses = await _drive(proxy, requests)

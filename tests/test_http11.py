@@ -1,12 +1,10 @@
-"""Strict HTTP/1.1 response parsing, and the upstream ``Connection`` protocol driven without sockets.
+"""Strict HTTP/1.1 response parsing and the body readers, over plain bytes.
 
-The ``Connection`` tests feed bytes through ``data_received`` exactly as asyncio would, split every
-way the network might split them, into a fake transport that only records what the protocol asks of it.
+The reader tests deliver each response in pieces, split every way the network might split it,
+as ``_upstream.Connection`` hands its reads over; ``tests/test_upstream.py`` tests the connection.
 """
 
-import asyncio
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,22 +13,18 @@ from mint_proxy._http11 import (
     LENGTH,
     MAX_CHUNK_LINE,
     MAX_HEAD_BYTES,
+    MAX_TRAILER_BYTES,
     NO_BODY,
     UNTIL_CLOSE,
+    ChunkedReader,
+    ContentLengthReader,
     ResponseHead,
+    UntilCloseReader,
+    body_reader,
     parse_chunk_size,
     parse_response_head,
+    read_head,
 )
-from mint_proxy._upstream import HIGH_WATER, LOW_WATER, MAX_TRAILER_BYTES, Connection, UpstreamPool
-from mint_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
-from mint_proxy.routing import Upstream
-
-from .utils import upstream_body, upstream_head
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def parse(block: bytes, *, head_request: bool = False) -> ResponseHead:
@@ -324,101 +318,87 @@ def test_invalid_chunk_size_is_an_error(line: bytes) -> None:
         parse_chunk_size(line)
 
 
-# --- Connection, driven without sockets --------------------------------------------------------
+# --- reading a response: read_head and the body readers, over bytes split every way ------------
 
 
-class FakeTransport(asyncio.Transport):
-    """Records what the protocol asks of its transport; delivers nothing by itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.aborted = False
-        self.pauses = 0
-        self.resumes = 0
-
-    def write(self, data: Any) -> None:
-        self.writes.append(bytes(data))
-
-    def writelines(self, list_of_data: Iterable[Any]) -> None:
-        self.writes.extend(bytes(data) for data in list_of_data)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        self.pauses += 1
-
-    def resume_reading(self) -> None:
-        self.resumes += 1
-
-
-def open_connection(*, head_request: bool = False) -> tuple[Connection, FakeTransport]:
-    """A connection that has just sent a request and awaits the response."""
-    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
-    transport = FakeTransport()
-    conn.connection_made(transport)
-    conn.begin(head_request=head_request)
-    return conn, transport
-
-
-def feed(conn: Connection, transport: FakeTransport, data: bytes, split: int) -> None:
-    """Deliver ``data`` in pieces of ``split`` bytes (0: all at once), stopping once aborted as asyncio does."""
+def pieces(data: bytes, split: int) -> Iterator[bytes]:
+    """``data`` in pieces of ``split`` bytes (0: all at once)."""
     size = split or len(data) or 1
     for start in range(0, len(data), size):
-        if transport.aborted:
-            return
-        conn.data_received(data[start : start + size])
+        yield data[start : start + size]
 
 
-async def read_all(conn: Connection) -> bytes:
-    chunks = []
-    more = True
-    while more:
-        chunk, more = await upstream_body(conn, 1)
-        chunks.append(chunk)
-    return b"".join(chunks)
+def read_response(data: bytes, split: int, *, head_request: bool = False) -> tuple[ResponseHead, bytes, bytes | None]:
+    """Read one response delivered in pieces, as the connection does: its head, its body, and the
+    bytes after its end (``None``: the body has not ended). Raises what the readers raise."""
+    buf = b""
+    head: ResponseHead | None = None
+    body: list[bytes] = []
+    rest: bytes | None = None
+    for piece in pieces(data, split):
+        if head is None:
+            searched = max(len(buf) - 3, 0)
+            buf += piece
+            head, start = read_head(buf, searched, head_request=head_request)
+            if head is None:
+                buf = buf[start:]
+                continue
+            reader = body_reader(head)
+            piece = buf[start:]
+        if rest is not None:
+            rest += piece
+            continue
+        chunk, rest = reader(piece)
+        body.append(chunk)
+    if head is None:
+        raise AssertionError("the head never completed")
+    if not body:  # the head came in the last piece
+        chunk, rest = reader(b"")
+        body.append(chunk)
+    return head, b"".join(body), rest
+
+
+def read_body(
+    reader: ContentLengthReader | ChunkedReader | UntilCloseReader, data: bytes, split: int
+) -> tuple[bytes, bytes | None]:
+    """Feed ``data`` to ``reader`` in pieces: the body it gave, and the bytes after the end (``None``: not ended)."""
+    body: list[bytes] = []
+    rest: bytes | None = None
+    for piece in pieces(data, split):
+        if rest is not None:
+            rest += piece
+            continue
+        chunk, rest = reader(piece)
+        body.append(chunk)
+    return b"".join(body), rest
 
 
 # Every test below runs with the bytes split every way the network might split them.
 by_split = pytest.mark.parametrize("split", [1, 2, 3, 7, 0], ids=["1", "2", "3", "7", "whole"])
 
 CL_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world"
-CHUNKED_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5;name=value\r\nhello\r\n"
-    b"6 ; x\r\n world\r\n"
-    b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
-)
+CHUNKED_BODY = b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+CHUNKED_RESPONSE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED_BODY
 
 
-@pytest.mark.anyio
 @by_split
-async def test_content_length_body_is_read(split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, CL_RESPONSE, split)
-    head = await upstream_head(conn, 1)
+def test_content_length_body_is_read(split: int) -> None:
+    head, body, rest = read_response(CL_RESPONSE, split)
 
     assert (head.status, head.framing, head.content_length) == (200, LENGTH, 11)
     assert head.headers == [(b"content-length", b"11"), (b"content-type", b"text/plain")]
-    assert await read_all(conn) == b"hello world"
+    assert (body, rest) == (b"hello world", b"")
 
 
-@pytest.mark.anyio
 @by_split
-async def test_chunked_body_is_read_without_extensions_or_trailers(split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, CHUNKED_RESPONSE, split)
-    head = await upstream_head(conn, 1)
+def test_chunked_body_is_read_without_extensions_or_trailers(split: int) -> None:
+    head, body, rest = read_response(CHUNKED_RESPONSE, split)
 
     assert head.framing == CHUNKED
     assert head.headers == [(b"transfer-encoding", b"chunked")]
-    assert await read_all(conn) == b"hello world"
+    assert (body, rest) == (b"hello world", b"")
 
 
-@pytest.mark.anyio
 @by_split
 @pytest.mark.parametrize(
     "response",
@@ -428,69 +408,70 @@ async def test_chunked_body_is_read_without_extensions_or_trailers(split: int) -
         pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", id="204"),
     ],
 )
-async def test_empty_body_is_read_as_one_empty_last_piece(response: bytes, split: int) -> None:
-    conn, transport = open_connection()
+def test_empty_body_is_read_and_complete(response: bytes, split: int) -> None:
+    _, body, rest = read_response(response, split)
 
-    feed(conn, transport, response, split)
-    await upstream_head(conn, 1)
-
-    assert await upstream_body(conn, 1) == (b"", False)
+    assert (body, rest) == (b"", b"")
 
 
-@pytest.mark.anyio
 @by_split
-async def test_head_response_has_no_body_but_keeps_its_length(split: int) -> None:
-    conn, transport = open_connection(head_request=True)
-
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", split)
-    head = await upstream_head(conn, 1)
+def test_head_response_has_no_body_but_keeps_its_length(split: int) -> None:
+    head, body, rest = read_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", split, head_request=True)
 
     assert (head.framing, head.content_length) == (NO_BODY, 10)
-    assert await upstream_body(conn, 1) == (b"", False)
+    assert (body, rest) == (b"", b"")
 
 
-@pytest.mark.anyio
 @by_split
-async def test_interim_responses_are_skipped(split: int) -> None:
-    conn, transport = open_connection()
+def test_interim_responses_are_skipped(split: int) -> None:
     response = (
         b"HTTP/1.1 100 Continue\r\n\r\n"
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     )
 
-    feed(conn, transport, response, split)
-    head = await upstream_head(conn, 1)
+    head, body, rest = read_response(response, split)
 
     assert head.status == 200
-    assert await read_all(conn) == b"ok"
+    assert (body, rest) == (b"ok", b"")
 
 
-@pytest.mark.anyio
+def test_interim_heads_read_are_done_with_while_the_final_head_is_incomplete() -> None:
+    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Le"
+
+    assert read_head(data, head_request=False) == (None, len(b"HTTP/1.1 100 Continue\r\n\r\n"))
+
+
 @by_split
-async def test_unrequested_switching_protocols_is_a_protocol_error(split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nraw", split)
-
-    with pytest.raises(UpstreamProtocolError, match="switched protocols"):
-        await upstream_head(conn, 1)
-    assert transport.aborted
+def test_unrequested_switching_protocols_is_an_error(split: int) -> None:
+    with pytest.raises(ValueError, match="101"):
+        read_response(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nraw", split)
 
 
-@pytest.mark.anyio
 @by_split
-async def test_invalid_response_head_is_a_protocol_error(split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 0\r\n\r\n", split)
-
-    with pytest.raises(UpstreamProtocolError, match="invalid response"):
-        await upstream_head(conn, 1)
-    assert transport.aborted
+def test_invalid_response_head_is_an_error(split: int) -> None:
+    with pytest.raises(ValueError, match="header line"):
+        read_response(b"HTTP/1.1 200 OK\r\nBad Header: 1\r\nContent-Length: 0\r\n\r\n", split)
 
 
-@pytest.mark.anyio
+@pytest.mark.parametrize("split", [1, 4096, 0], ids=["1", "4096", "whole"])
+def test_head_over_the_limit_is_an_error_however_it_arrives(split: int) -> None:
+    response = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2 * MAX_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n"
+
+    with pytest.raises(ValueError, match="too large"):
+        read_response(response, split)
+
+
+def test_head_of_exactly_the_limit_is_read() -> None:
+    block = b"HTTP/1.1 204 No Content\r\nX-Pad: "
+    block += b"a" * (MAX_HEAD_BYTES - len(block))
+
+    head, start = read_head(block + b"\r\n\r\n", head_request=False)
+
+    assert head is not None and head.status == 204
+    assert start == MAX_HEAD_BYTES + 4
+
+
 @by_split
 @pytest.mark.parametrize(
     "body",
@@ -504,322 +485,135 @@ async def test_invalid_response_head_is_a_protocol_error(split: int) -> None:
         pytest.param(b"5\nhello\r\n0\r\n\r\n", id="bare-lf-after-size"),
     ],
 )
-async def test_invalid_chunk_framing_is_a_protocol_error_and_aborts(body: bytes, split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
-    await upstream_head(conn, 1)
-
-    with pytest.raises(UpstreamProtocolError, match="chunked"):
-        await read_all(conn)
-    assert transport.aborted
-    assert not conn.reusable
+def test_invalid_chunk_framing_is_an_error(body: bytes, split: int) -> None:
+    with pytest.raises(ValueError, match="chunk"):
+        read_body(ChunkedReader(), body, split)
 
 
-@pytest.mark.anyio
 @by_split
-async def test_trailers_over_the_limit_are_a_protocol_error(split: int) -> None:
-    conn, transport = open_connection()
+def test_trailers_over_the_limit_are_an_error(split: int) -> None:
     trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 500) for i in range(MAX_TRAILER_BYTES // 500 + 1))
 
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n", split)
-    await upstream_head(conn, 1)
-
-    with pytest.raises(UpstreamProtocolError, match="trailer"):
-        await read_all(conn)
+    with pytest.raises(ValueError, match="trailer"):
+        read_body(ChunkedReader(), b"0\r\n" + trailers + b"\r\n", split)
 
 
-@pytest.mark.anyio
-async def test_trailer_limit_applies_to_each_exchange() -> None:
-    conn, transport = open_connection()
+@pytest.mark.parametrize("split", [1, 7, 0], ids=["1", "7", "whole"])
+def test_one_trailer_line_over_the_limit_is_an_error_however_it_arrives(split: int) -> None:
+    with pytest.raises(ValueError, match="trailer"):
+        read_body(ChunkedReader(), b"0\r\nx-t: " + b"v" * MAX_TRAILER_BYTES + b"\r\n\r\n", split)
+
+
+def test_trailer_limit_applies_to_each_body() -> None:
     trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 500) for i in range(MAX_TRAILER_BYTES // 500 // 2 + 1))
-    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + b"\r\n"
 
-    for _ in range(3):  # three exchanges on one kept-alive connection, each within the limit on its own
-        conn.begin(head_request=False)
-        feed(conn, transport, response, 0)
-        await upstream_head(conn, 1)
-        assert await read_all(conn) == b"ok"
-        conn.request_complete = True
-        assert conn.reusable
+    for _ in range(3):  # three responses, each within the limit on its own
+        assert read_body(ChunkedReader(), b"2\r\nok\r\n0\r\n" + trailers + b"\r\n", 0) == (b"ok", b"")
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    "split",
-    [
-        1,
-        7,
-        pytest.param(
-            0,
-        ),
-    ],
-    ids=["1", "7", "whole"],
-)
-async def test_chunk_line_over_the_limit_is_a_protocol_error_however_it_arrives(split: int) -> None:
-    conn, transport = open_connection()
+@pytest.mark.parametrize("split", [1, 7, 0], ids=["1", "7", "whole"])
+def test_chunk_line_over_the_limit_is_an_error_however_it_arrives(split: int) -> None:
     body = b"2;" + b"e" * 2 * MAX_CHUNK_LINE + b"\r\nok\r\n0\r\n\r\n"
 
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, split)
-    await upstream_head(conn, 1)
-
-    with pytest.raises(UpstreamProtocolError, match="chunked"):
-        await read_all(conn)
+    with pytest.raises(ValueError, match="chunk size line"):
+        read_body(ChunkedReader(), body, split)
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    "split",
-    [
-        4096,
-        pytest.param(
-            0,
-        ),
-    ],
-    ids=["4096", "whole"],
-)
-async def test_head_over_the_limit_is_a_protocol_error_however_it_arrives(split: int) -> None:
-    conn, transport = open_connection()
-    response = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 2 * MAX_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n"
+def test_chunks_of_one_read_come_back_as_one_piece() -> None:
+    reader = ChunkedReader()
 
-    feed(conn, transport, response, split)
-
-    with pytest.raises(UpstreamProtocolError, match="too large"):
-        await upstream_head(conn, 1)
+    assert reader(b"2\r\nab\r\n3\r\ncde\r\n") == (b"abcde", None)
+    assert reader(b"0\r\n\r\n") == (b"", b"")
 
 
-# --- Connection: reuse -------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-@by_split
-@pytest.mark.parametrize("response", [CL_RESPONSE, CHUNKED_RESPONSE], ids=["cl", "chunked"])
-async def test_clean_complete_exchange_is_reusable(response: bytes, split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, response, split)
-    await upstream_head(conn, 1)
-    await read_all(conn)
-    conn.request_complete = True
-
-    assert conn.reusable
-    assert not transport.aborted
-
-
-@pytest.mark.anyio
-async def test_exchange_is_not_reusable_until_the_request_is_complete() -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, CL_RESPONSE, 0)
-    await upstream_head(conn, 1)
-    await read_all(conn)
-
-    assert not conn.reusable
-
-
-@pytest.mark.anyio
-async def test_exchange_is_not_reusable_while_body_is_unread() -> None:
-    conn, transport = open_connection()
-    conn.request_complete = True
-
-    feed(conn, transport, CL_RESPONSE, 0)
-    await upstream_head(conn, 1)
-
-    assert not conn.reusable
-
-
-@pytest.mark.anyio
 @by_split
 @pytest.mark.parametrize(
-    ("response", "body"),
+    ("response", "body", "extra"),
     [
-        pytest.param(CL_RESPONSE + b"junk", b"hello world", id="after-cl-body"),
-        pytest.param(CHUNKED_RESPONSE + b"junk", b"hello world", id="after-chunked-body"),
-        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\njunk", b"", id="after-204"),
-        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\njunk", b"", id="after-cl-0"),
+        pytest.param(CL_RESPONSE + b"junk", b"hello world", b"junk", id="after-cl-body"),
+        pytest.param(CHUNKED_RESPONSE + b"junk", b"hello world", b"junk", id="after-chunked-body"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\njunk", b"", b"junk", id="after-204"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\njunk", b"", b"junk", id="after-cl-0"),
     ],
 )
-async def test_extra_bytes_after_a_complete_body_are_not_reusable(response: bytes, body: bytes, split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, response, split)
-    await upstream_head(conn, 1)
-    assert await read_all(conn) == body
-    conn.request_complete = True
-
-    assert not conn.reusable
+def test_bytes_after_a_complete_body_are_what_is_left(response: bytes, body: bytes, extra: bytes, split: int) -> None:
+    assert read_response(response, split)[1:] == (body, extra)
 
 
-@pytest.mark.anyio
-@by_split
-async def test_connection_close_response_is_not_reusable(split: int) -> None:
-    conn, transport = open_connection()
+@pytest.mark.parametrize("reader", [ContentLengthReader(0), ContentLengthReader(2)], ids=["cl-0", "cl-2"])
+def test_a_content_length_reader_called_after_the_end_gives_back_everything(reader: ContentLengthReader) -> None:
+    read_body(reader, b"ok"[: reader.remaining], 0)
 
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", split)
-    await upstream_head(conn, 1)
-    assert await read_all(conn) == b"ok"
-    conn.request_complete = True
-
-    assert not conn.reusable
+    assert reader(b"more") == (b"", b"more")
 
 
-@pytest.mark.anyio
-async def test_bytes_when_no_response_is_due_abort_the_connection() -> None:
-    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
-    transport = FakeTransport()
-    conn.connection_made(transport)
+def test_a_chunked_reader_called_after_the_end_gives_back_everything() -> None:
+    reader = ChunkedReader()
+    reader(b"0\r\n\r\n")
 
-    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\n")
-
-    assert transport.aborted
-    assert conn.closed
+    assert reader(b"more") == (b"", b"more")
 
 
-# --- Connection: the plugin closing ------------------------------------------------------------
-
-
-@pytest.mark.anyio
 @by_split
 @pytest.mark.parametrize(
     "head",
     [b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"],
     ids=["http-1.1", "http-1.0"],
 )
-async def test_until_close_body_ends_when_the_plugin_closes(head: bytes, split: int) -> None:
-    conn, transport = open_connection()
+def test_until_close_body_ends_only_when_the_connection_closes(head: bytes, split: int) -> None:
+    parsed, body, rest = read_response(head + b"all of the body", split)
 
-    feed(conn, transport, head + b"all of the body", split)
-    assert (await upstream_head(conn, 1)).framing == UNTIL_CLOSE
-    conn.connection_lost(None)
-
-    assert await read_all(conn) == b"all of the body"
-    assert not conn.reusable
+    assert parsed.framing == UNTIL_CLOSE
+    assert (body, rest) == (b"all of the body", None)
+    UntilCloseReader().read_eof()  # (a close is its end: no error)
 
 
-@pytest.mark.anyio
-async def test_close_before_any_byte_is_unavailable_with_nothing_received() -> None:
-    conn, _ = open_connection()
-
-    conn.connection_lost(None)
-
-    with pytest.raises(UpstreamUnavailable, match="before responding"):
-        await upstream_head(conn, 1)
-    assert conn.received_any is False
-
-
-@pytest.mark.anyio
-@by_split
-async def test_close_in_the_middle_of_the_head_is_unavailable_with_bytes_received(split: int) -> None:
-    conn, transport = open_connection()
-
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Len", split)
-    conn.connection_lost(None)
-
-    with pytest.raises(UpstreamUnavailable, match="before responding"):
-        await upstream_head(conn, 1)
-    assert conn.received_any is True
-
-
-@pytest.mark.anyio
-@by_split
 @pytest.mark.parametrize(
-    "response",
+    ("reader", "data"),
     [
-        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", id="cl"),
-        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", id="chunked"),
+        pytest.param(ContentLengthReader(10), b"hello", id="cl"),
+        pytest.param(ChunkedReader(), b"5\r\nhello\r\n", id="chunked"),
+        pytest.param(ChunkedReader(), b"0\r\n", id="chunked-before-trailers-end"),
     ],
 )
-async def test_close_in_the_middle_of_a_framed_body_is_unavailable(response: bytes, split: int) -> None:
-    conn, transport = open_connection()
+def test_a_close_before_a_framed_body_ends_cuts_it_short(
+    reader: ContentLengthReader | ChunkedReader, data: bytes
+) -> None:
+    assert reader(data)[1] is None
 
-    feed(conn, transport, response, split)
-    await upstream_head(conn, 1)
-    conn.connection_lost(None)
-
-    with pytest.raises(UpstreamUnavailable, match="middle of its response"):
-        await read_all(conn)
+    with pytest.raises(ValueError, match="closed before the end"):
+        reader.read_eof()
 
 
-# --- Connection: flow control and timeouts -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("reader", "data"),
+    [
+        pytest.param(ContentLengthReader(5), b"hello", id="cl"),
+        pytest.param(ContentLengthReader(0), b"", id="no-body"),
+        pytest.param(ChunkedReader(), b"5\r\nhello\r\n0\r\n\r\n", id="chunked"),
+    ],
+)
+def test_a_close_after_a_framed_body_ended_is_no_error(
+    reader: ContentLengthReader | ChunkedReader, data: bytes
+) -> None:
+    assert reader(data)[1] == b""
+
+    reader.read_eof()
 
 
-@pytest.mark.anyio
-async def test_reading_pauses_once_more_than_high_water_is_buffered() -> None:
-    conn, transport = open_connection()
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
-    await upstream_head(conn, 1)
+@pytest.mark.parametrize(
+    ("block", "head_request", "reader", "length"),
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3", False, ContentLengthReader, 3, id="cl"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", False, ChunkedReader, None, id="chunked"),
+        pytest.param(b"HTTP/1.1 200 OK", False, UntilCloseReader, None, id="until-close"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 3", True, ContentLengthReader, 0, id="head-request"),
+        pytest.param(b"HTTP/1.1 304 Not Modified", False, ContentLengthReader, 0, id="304"),
+    ],
+)
+def test_body_reader_follows_the_framing(block: bytes, head_request: bool, reader: type, length: int | None) -> None:
+    chosen = body_reader(parse(block, head_request=head_request))
 
-    conn.data_received(b"x" * HIGH_WATER)
-    assert transport.pauses == 0
-    conn.data_received(b"x")
-    assert transport.pauses == 1
-    conn.data_received(b"x")
-    assert transport.pauses == 1
-
-
-@pytest.mark.anyio
-async def test_reading_resumes_once_drained_below_low_water() -> None:
-    conn, transport = open_connection()
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * HIGH_WATER), 0)
-    await upstream_head(conn, 1)
-    conn.data_received(b"x" * (HIGH_WATER + 1))
-    assert (transport.pauses, transport.resumes) == (1, 0)
-
-    chunk, more = await upstream_body(conn, 1)
-
-    assert (len(chunk), more) == (HIGH_WATER + 1, True)
-    assert (transport.pauses, transport.resumes) == (1, 1)
-
-
-@pytest.mark.anyio
-async def test_reading_is_not_resumed_when_it_was_never_paused() -> None:
-    conn, transport = open_connection()
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * LOW_WATER), 0)
-    await upstream_head(conn, 1)
-    conn.data_received(b"x" * LOW_WATER)
-
-    await upstream_body(conn, 1)
-
-    assert (transport.pauses, transport.resumes) == (0, 0)
-
-
-@pytest.mark.anyio
-async def test_silent_plugin_before_the_head_is_a_timeout() -> None:
-    conn, _ = open_connection()
-
-    with pytest.raises(UpstreamTimeout):
-        await upstream_head(conn, 0.01)
-
-
-@pytest.mark.anyio
-async def test_silent_plugin_in_the_middle_of_the_body_is_a_timeout() -> None:
-    conn, transport = open_connection()
-    feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0)
-    await upstream_head(conn, 1)
-    assert await upstream_body(conn, 1) == (b"hello", True)
-
-    with pytest.raises(UpstreamTimeout):
-        await upstream_body(conn, 0.01)
-
-
-class ClosedHandleTransport(FakeTransport):
-    """uvloop's transport between the handle closing and ``connection_lost`` arriving: writes raise."""
-
-    def write(self, data: Any) -> None:
-        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
-
-    def writelines(self, list_of_data: Iterable[Any]) -> None:
-        self.write(b"")
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("method", ["write", "writelines"])
-async def test_a_write_racing_the_close_is_an_upstream_error_not_a_runtime_error(method: str) -> None:
-    conn = Connection(UpstreamPool(), Upstream.parse("http://127.0.0.1:1"))
-    conn.connection_made(ClosedHandleTransport())
-    conn.begin(head_request=False)
-    with pytest.raises(UpstreamUnavailable, match="closed the connection"):
-        if method == "write":
-            conn.write(b"body")
-        else:
-            conn.writelines([b"body"])
+    assert type(chosen) is reader
+    if isinstance(chosen, ContentLengthReader):
+        assert chosen.remaining == length

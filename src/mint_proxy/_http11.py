@@ -1,10 +1,22 @@
-"""Strict HTTP/1.1 response parsing, as pure functions over bytes (no I/O).
+"""Strict HTTP/1.1 response parsing, as pure functions and readers over bytes (no I/O).
 
 Only what a reverse proxy needs to read a plugin's response: the status line,
 the header block, and the body framing (RFC 9112 §6.3). Anything ambiguous is a
 ``ValueError``; the caller turns it into a 502. We do not use h11 here: it costs
 about 60 µs per exchange on this hardware, the whole CPU budget of a proxied
 request (see docs/performance.md).
+
+Reading a response, as ``_upstream.Connection`` does with the bytes the socket gives it:
+
+* ``read_head(data, searched, head_request=...)`` finds and parses the final head at the
+  start of ``data``, skipping interim (1xx) heads; ``None`` while the head is incomplete.
+* ``body_reader(head)`` gives the reader for its body, one per exchange, like h11's
+  ``_readers.py``: ``reader(data)`` returns ``(body, rest)``, the body bytes ``data`` held and
+  ``None`` while the body goes on, else the bytes after its end (``b""`` when there are
+  none; any other value means the peer sent more than one response's worth: never
+  reuse the connection). ``reader.read_eof()`` says whether the peer closing the
+  connection is the end of the body (it returns) or cuts it short (``ValueError``).
+  A reader that raised has nothing more to give: the connection is closed.
 """
 
 import re
@@ -13,6 +25,7 @@ from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 1024
+MAX_TRAILER_BYTES = 16 * 1024  # all trailer fields of one response together
 
 # Status codes are 100-599 (RFC 9110 §15: anything else is invalid, "process as 5xx": a 502 here).
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
@@ -29,6 +42,9 @@ _HEAD = re.compile(
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+
+# Chunked-body states.
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 # Body framing of a response.
 NO_BODY = 0
@@ -128,3 +144,151 @@ def parse_chunk_size(line: bytes) -> int:
     if match is None:
         raise ValueError("invalid chunk size line")
     return int(match.group(1), 16)
+
+
+def read_head(data: bytes, searched: int = 0, *, head_request: bool) -> tuple[ResponseHead | None, int]:
+    """Read the final response head at the start of ``data``: ``(head, where its body starts)``.
+
+    Interim (1xx) heads before it are skipped (they are not forwarded). While the final head
+    has not all arrived, returns ``(None, offset)``: keep ``data[offset:]`` (interim heads
+    before ``offset`` are done with) and call again with more bytes. ``searched``: how far
+    ``data`` was already searched for the end of the head, in vain (three bytes less than
+    its length: the end may straddle the two reads). A head over ``MAX_HEAD_BYTES`` is a
+    ``ValueError`` however it arrives, and so is ``101 Switching Protocols``: this reader
+    never asks to switch.
+    """
+    start = 0
+    while True:
+        end = data.find(b"\r\n\r\n", searched)
+        if end < 0 or end - start > MAX_HEAD_BYTES:
+            if len(data) - start > MAX_HEAD_BYTES:
+                raise ValueError("response head too large")
+            return None, start
+        head = parse_response_head(data[start:end], head_request=head_request)
+        start = searched = end + 4
+        if head.status >= 200:
+            return head, start
+        if head.status == 101:
+            raise ValueError("101 Switching Protocols, never asked for")
+        # 1xx interim responses (100, 102, 103) are not forwarded; read on.
+
+
+class ContentLengthReader:
+    """A body of exactly ``length`` bytes (``Content-Length``; ``0`` for a response without a body)."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+
+    def __call__(self, data: bytes) -> tuple[bytes, bytes | None]:
+        remaining = self.remaining
+        size = len(data)
+        if size < remaining:
+            self.remaining = remaining - size
+            return data, None
+        self.remaining = 0
+        if size == remaining:
+            return data, b""
+        return data[:remaining], data[remaining:]
+
+    def read_eof(self) -> None:
+        if self.remaining:
+            raise ValueError("the connection closed before the end of the body")
+
+
+class ChunkedReader:
+    """A chunked body (RFC 9112 §7.1): chunk extensions ignored, trailer fields read and dropped.
+
+    A chunk-size line is at most ``MAX_CHUNK_LINE`` bytes, the trailer fields at most
+    ``MAX_TRAILER_BYTES`` together; anything longer is a ``ValueError``, however it arrives.
+    Data of several chunks in one ``data`` comes back as one piece.
+    """
+
+    __slots__ = ("_state", "_remaining", "_buf", "_trailer_bytes")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._remaining = 0  # of the current chunk's data
+        self._buf = b""  # an incomplete line (or CRLF) from the previous call
+        self._trailer_bytes = 0
+
+    def __call__(self, data: bytes) -> tuple[bytes, bytes | None]:
+        if self._state == _DONE:  # (called again after the end: all of it is extra)
+            return b"", data
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        pieces: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            state = self._state
+            if state == _DATA:
+                take = min(self._remaining, size - pos)
+                pieces.append(data if take == size else data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_END
+                continue
+            if state == _DATA_END:
+                if size - pos < 2:
+                    self._buf = data[pos:]
+                    break
+                if data[pos : pos + 2] != b"\r\n":
+                    raise ValueError("chunk data not followed by CRLF")
+                pos += 2
+                self._state = _SIZE
+                continue
+            eol = data.find(b"\r\n", pos)
+            longest = MAX_CHUNK_LINE if state == _SIZE else MAX_TRAILER_BYTES  # a trailer field is a field line
+            if eol < 0 or eol - pos > longest:
+                if size - pos > longest:
+                    raise ValueError("chunk size line too long" if state == _SIZE else "trailer fields too large")
+                self._buf = data[pos:]
+                break
+            line = data[pos:eol]
+            pos = eol + 2
+            if state == _SIZE:
+                self._remaining = parse_chunk_size(line)
+                self._state = _DATA if self._remaining else _TRAILER
+            elif line:
+                # Trailer fields are read and dropped (ASGI has no portable way to send them).
+                self._trailer_bytes += len(line)
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    raise ValueError("trailer fields too large")
+            else:
+                self._state = _DONE
+                return b"".join(pieces), data[pos:]
+        return b"".join(pieces), None
+
+    def read_eof(self) -> None:
+        if self._state != _DONE:
+            raise ValueError("the connection closed before the end of the chunked body")
+
+
+class UntilCloseReader:
+    """A body that ends when the connection closes (neither ``Content-Length`` nor chunked)."""
+
+    __slots__ = ()
+
+    def __call__(self, data: bytes) -> tuple[bytes, bytes | None]:
+        return data, None
+
+    def read_eof(self) -> None:
+        pass
+
+
+BodyReader = ContentLengthReader | ChunkedReader | UntilCloseReader
+
+
+def body_reader(head: ResponseHead) -> BodyReader:
+    """The reader for the body that follows ``head``."""
+    framing = head.framing
+    if framing == LENGTH:
+        return ContentLengthReader(head.content_length or 0)
+    if framing == CHUNKED:
+        return ChunkedReader()
+    if framing == UNTIL_CLOSE:
+        return UntilCloseReader()
+    return ContentLengthReader(0)

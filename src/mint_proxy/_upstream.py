@@ -6,13 +6,16 @@ This module is the seam between the proxy and the plugin processes; the
 proxy's speed lives here, so it is kept small and free of abstractions that
 cost per request.
 
-* ``Connection`` is an ``asyncio.Protocol``. ``data_received`` parses the
-  response as bytes arrive (``_http11`` does the strict parsing) and queues
-  body chunks; the proxy's task waits with ``wait`` (a bare future, no coroutine
-  in between) and takes them with ``next_body`` (``read_head``/``read_body``
-  wrap the two). Nothing is ever joined into a whole body: a chunk is passed on
-  as it came, and chunks that queued up while the client was slower (never more
-  than ``HIGH_WATER`` bytes) go out joined in one send.
+* ``Connection`` is an ``asyncio.Protocol`` that moves bytes; ``_http11`` reads
+  them. ``begin`` starts an exchange and sends the request (``send_body`` the
+  rest of a streamed body). ``data_received`` hands each read to ``read_head``,
+  then to the body's reader (``_http11.body_reader``), and queues the body
+  pieces; the proxy's task waits with ``wait`` (a bare future, no coroutine in
+  between) and takes them with ``next_body``. Nothing is ever joined into a
+  whole body: a piece is passed on as it came, and pieces that queued up while
+  the client was slower (never more than ``HIGH_WATER`` bytes) go out joined in
+  one send. The connection's own state (transport, ``closed``, ``reused``, flow
+  control) outlives exchanges; ``begin`` sets the exchange's anew.
 * Flow control both ways. Upstream to client: once more than ``HIGH_WATER``
   bytes are queued, reading from the plugin pauses until the client side has
   taken them (the ASGI ``send`` awaits the client's socket). Client to upstream:
@@ -24,104 +27,94 @@ cost per request.
   exchange's bookkeeping (``call_later`` + ``cancel`` is ~1.7 µs on uvloop).
   Each wait records its deadline, and the pool's one ticker, running every
   ``TICK`` seconds while exchanges are in flight, expires overdue waits
-  (so a timeout fires up to ``TICK`` late) and starts the client watcher of
-  exchanges older than ``WATCH_DELAY``.
-* The client watcher: once the request is sent, ``watch_client(receive)``
-  hands the exchange the ASGI ``receive``. ASGI reports a client that went
-  away only through ``receive()`` (uvicorn drops ``send()`` silently), so a
-  slow exchange gets a task waiting on it that aborts the connection when the
-  client leaves: the plugin stops working for nobody and the connection is
-  never pooled. Most exchanges are over long before ``WATCH_DELAY`` and never
-  pay for that task.
+  (so a timeout fires up to ``TICK`` late) and starts the task an exchange
+  asked for with ``when_slow`` once it has run one to two ``TICK`` periods (the proxy's
+  client watch, ``_disconnect``: most exchanges are over by then and never pay
+  for a task). The connection cancels that task when the exchange ends.
 * The hot path never calls ``asyncio.get_running_loop()``: CPython checks the
   process id on every call, a ``getpid`` syscall each time. Connections keep
   their loop; the pool's clock is ``time.monotonic()``.
 * ``UpstreamPool`` keeps idle connections per upstream, newest first (LIFO:
-  warm connections are reused, surplus ones age out). An idle connection the
-  plugin closed is noticed by ``connection_lost`` and dropped from the pool. One
-  idle for longer than ``idle_timeout`` (default 4 s, below uvicorn's 5 s
-  keep-alive timeout, so the proxy lets go before the plugin does) is closed
-  rather than reused. A connection is only pooled after a complete, well-framed
-  exchange; anything unusual (extra bytes, an error, an abort) closes it.
-* Connecting retries refused connections with short backoff for
-  ``retry_window`` seconds: a plugin being restarted comes back within it.
-  Nothing has been sent on a connection that failed to open, so this is safe.
+  warm connections are reused, surplus ones age out). Its interface with a
+  connection is small: the connection calls ``track`` when an exchange starts and
+  ``forget`` when it closes; the pool calls ``tick``, ``end_exchange`` and ``abort``.
+  An idle connection the plugin closed is dropped from the pool. One idle for
+  longer than ``idle_timeout`` (default 4 s, below uvicorn's 5 s keep-alive
+  timeout, so the proxy lets go before the plugin does) is closed rather than
+  reused. A connection is only pooled after a complete, well-framed exchange;
+  anything unusual (extra bytes, an error, an abort) closes it.
+* Retries. Connecting retries refused connections with short backoff for
+  ``retry_window`` seconds (``retry_refused``): a plugin being restarted comes
+  back within it, and nothing has been sent on a connection that failed to open.
+  Whether a request that failed on an open connection may be sent again is
+  ``may_retry``'s decision, the only one.
 """
 
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, cast
 
-from ._http11 import (
-    CHUNKED,
-    LENGTH,
-    MAX_CHUNK_LINE,
-    MAX_HEAD_BYTES,
-    NO_BODY,
-    ResponseHead,
-    parse_chunk_size,
-    parse_response_head,
-)
-from ._types import Receive
+from ._http11 import LENGTH, BodyReader, ResponseHead, body_reader, read_head
 from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .routing import Upstream
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 # How often the pool's ticker checks in-flight exchanges for timeouts and slowness.
 TICK = 0.05
-# How long an exchange runs before a task starts watching for the client going away.
-WATCH_DELAY = 0.05
 
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
-MAX_TRAILER_BYTES = 16 * 1024
 
-# Connection states.
-_IDLE, _HEAD, _BODY, _DONE = range(4)
-# Chunked-body sub-states.
-_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+# What the connection expects from the plugin next.
+_NOTHING, _HEAD, _BODY = range(3)
+
+# Methods whose request may be sent twice with the effect of once (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection to a plugin, carrying one exchange at a time."""
+    """One HTTP/1.1 connection to a plugin, carrying one exchange at a time.
+
+    Its own state outlives exchanges: the transport, ``closed``, ``reused``, ``idle_since``,
+    flow control and whether anything ever went wrong on it (``_clean``). Everything about the
+    current exchange (the response read so far, its reader, the waiter, the error) is set
+    anew by ``begin``. Parsing is ``_http11``'s; this class moves bytes and wakes the proxy.
+    """
 
     def __init__(self, pool: "UpstreamPool", upstream: Upstream) -> None:
         self._pool = pool
         self.upstream = upstream
-        self._address = upstream.address
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
-        self._state = _IDLE
-        self._head_request = False
-        self._buf = b""
-        self.head: ResponseHead | None = None
+        self._clean = True  # nothing unusual ever happened: the connection may be pooled
+        self._write_paused = False
+        self._read_paused = False
+        # Body pieces not yet taken (empty between exchanges of a pooled connection).
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._framing = NO_BODY
-        self._remaining = 0
-        self._chunk_state = _SIZE
-        self._trailer_bytes = 0
-        self._complete = False
-        self._clean = True
+        self._expect = _NOTHING
+        self._head_request = False
+        self._secret = b""
+        self.secret_in_head = False
+        self._buf = b""
+        self.head: ResponseHead | None = None
+        self._reader: BodyReader | None = None
         self.request_complete = False
         self.received_any = False
         self._error: ProxyError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0
-        self._client: Receive | None = None
-        self._watch_at = 0.0
-        self._watcher: asyncio.Future[None] | None = None
-        self.client_gone = False
-        self._write_paused = False
-        self._read_paused = False
-        self._secret = b""
-        self.secret_in_head = False
+        self._on_slow: Callable[[Connection, Any], Coroutine[Any, Any, None]] | None = None
+        self._slow_arg: object = None
+        self._slow_ticks = 0
+        self._slow_task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -130,13 +123,24 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._pool._forget(self)
-        if self._state == _BODY and self._framing not in (LENGTH, CHUNKED, NO_BODY) and exc is None:
-            self._finish()  # UNTIL_CLOSE: a clean close is the end of the body; a reset is not
-        elif self._state in (_HEAD, _BODY) and self._error is None:
-            when = "before responding" if self._state == _HEAD else "in the middle of its response"
+        self._pool.forget(self)
+        expect = self._expect
+        if expect == _NOTHING or self._error is not None:
+            pass
+        elif expect == _BODY and exc is None and self._ends_at_close():
+            self._expect = _NOTHING  # a body read until close: this is its end
+        else:
+            when = "before responding" if expect == _HEAD else "in the middle of its response"
             self._error = UpstreamUnavailable(f"the plugin closed the connection {when}")
         self._wake()
+
+    def _ends_at_close(self) -> bool:
+        assert self._reader is not None
+        try:
+            self._reader.read_eof()
+        except ValueError:
+            return False
+        return True
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -146,229 +150,137 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _BODY:
+        expect = self._expect
+        if expect == _BODY:
             self._feed_body(data)
-        elif self._state == _HEAD:
-            self.received_any = True
-            buf = self._buf
-            if buf:
-                self._feed_head(buf + data, max(len(buf) - 3, 0))  # never rescan what was already searched
-            else:
-                self._feed_head(data)
-        else:
+            return
+        if expect != _HEAD:
             # Bytes when no response is due: a plugin bug or a late body. Never reuse.
-            self._clean = False
             self.abort()
-
-    # -- parsing ----------------------------------------------------------
+            return
+        # The head (read here, not in a method of its own: this runs once per exchange).
+        self.received_any = True
+        buf = self._buf
+        if buf:
+            data = buf + data
+        try:
+            head, start = read_head(data, max(len(buf) - 3, 0), head_request=self._head_request)
+        except ValueError as exc:
+            return self._fail(f"the plugin sent an invalid response ({exc})")
+        if self._secret and data.find(self._secret, 0, start) >= 0:
+            self.secret_in_head = True
+        if head is None:
+            self._buf = data[start:] if start else data
+            return
+        if buf:
+            self._buf = b""
+        self.head = head
+        if head.framing == LENGTH and len(data) - start == head.content_length:
+            # The usual small response: the whole body came with the head. What the
+            # ContentLengthReader would say, in one step (tests/test_upstream.py pins the two together).
+            self._expect = _NOTHING
+            if start < len(data):
+                body = data[start:]
+                self._chunks.append(body)
+                self._buffered += len(body)
+            self._wake()
+            return
+        self._reader = body_reader(head)
+        self._expect = _BODY
+        self._feed_body(data[start:] if start < len(data) else b"")
+        self._wake()
 
     def _fail(self, message: str) -> None:
         self._error = UpstreamProtocolError(message)
         self._wake()
         self.abort()
 
-    def _feed_head(self, data: bytes, searched: int = 0) -> None:
-        while True:
-            end = data.find(b"\r\n\r\n", searched)
-            if end < 0 or end > MAX_HEAD_BYTES:
-                if len(data) > MAX_HEAD_BYTES:
-                    return self._fail("the plugin's response head is too large")
-                self._buf = data
-                return
-            searched = 0
-            try:
-                head = parse_response_head(data[:end], head_request=self._head_request)
-            except ValueError as exc:
-                return self._fail(f"the plugin sent an invalid response ({exc})")
-            if self._secret and data.find(self._secret, 0, end) >= 0:
-                self.secret_in_head = True
-            data = data[end + 4 :]
-            if head.status == 101:
-                return self._fail("the plugin switched protocols without being asked to")
-            if head.status >= 200:
-                break
-            # 1xx interim responses (100, 102, 103) are not forwarded; read on.
-        self._buf = b""
-        self.head = head
-        self._framing = head.framing
-        if head.framing == LENGTH:
-            remaining = head.content_length or 0
-            if len(data) == remaining:
-                # The usual small response: the whole body came with the head. Complete the
-                # exchange in one step (what _feed_body, _push and _finish would do, one wake-up).
-                self._state = _DONE
-                self._complete = True
-                if data:
-                    self._chunks.append(data)
-                    self._buffered += remaining
-                self._wake()
-                return
-            self._remaining = remaining
-        self._state = _BODY
-        self._chunk_state = _SIZE
-        if head.framing == NO_BODY or (head.framing == LENGTH and self._remaining == 0):
-            self._finish()
-            if data:
-                self._clean = False  # a body where none may be: never reuse
-        elif data:
-            self._feed_body(data)
-        self._wake()
-
     def _feed_body(self, data: bytes) -> None:
-        framing = self._framing
-        if framing == LENGTH:
-            remaining = self._remaining
-            if len(data) < remaining:
-                self._remaining = remaining - len(data)
-                self._push(data)
-                return
-            if len(data) > remaining:
-                self._clean = False
-                data = data[:remaining]
-            self._remaining = 0
-            self._push(data)
-            self._finish()
-        elif framing == CHUNKED:
-            self._feed_chunked(self._buf + data if self._buf else data)
-        else:
-            self._push(data)
-
-    def _feed_chunked(self, data: bytes) -> None:
-        self._buf = b""
-        pos, size = 0, len(data)
-        while pos < size:
-            state = self._chunk_state
-            if state == _DATA:
-                take = min(self._remaining, size - pos)
-                self._push(data if take == size else data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._chunk_state = _DATA_END
-                continue
-            if state == _DATA_END:
-                if size - pos < 2:
-                    self._buf = data[pos:]
-                    return
-                if data[pos : pos + 2] != b"\r\n":
-                    return self._fail("the plugin sent a malformed chunked body")
-                pos += 2
-                self._chunk_state = _SIZE
-                continue
-            eol = data.find(b"\r\n", pos)
-            longest = MAX_CHUNK_LINE if state == _SIZE else MAX_TRAILER_BYTES  # a trailer field is a field line
-            if eol < 0 or eol - pos > longest:
-                if size - pos > longest:
-                    return self._fail("the plugin sent a malformed chunked body")
-                self._buf = data[pos:]
-                return
-            line = data[pos:eol]
-            pos = eol + 2
-            if state == _SIZE:
-                try:
-                    self._remaining = parse_chunk_size(line)
-                except ValueError:
-                    return self._fail("the plugin sent a malformed chunked body")
-                self._chunk_state = _DATA if self._remaining else _TRAILER
-            elif line:
-                # Trailer fields are read and dropped (ASGI has no portable way to send them).
-                self._trailer_bytes += len(line)
-                if self._trailer_bytes > MAX_TRAILER_BYTES:
-                    return self._fail("the plugin sent too many trailer fields")
-            else:
-                if pos < size:
-                    self._clean = False
-                return self._finish()
-
-    def _push(self, chunk: bytes) -> None:
-        if chunk:
-            self._chunks.append(chunk)
-            self._buffered += len(chunk)
-            if self._buffered > HIGH_WATER and not self._read_paused and self._transport is not None:
-                self._read_paused = True
-                self._transport.pause_reading()
+        assert self._reader is not None
+        try:
+            body, rest = self._reader(data)
+        except ValueError as exc:
+            return self._fail(f"the plugin sent an invalid response body ({exc})")
+        if body:
+            self._push(body)
+        if rest is not None:
+            if rest:
+                self._clean = False  # more than the response: never reuse
+            self._expect = _NOTHING
             self._wake()
 
-    def _finish(self) -> None:
-        self._state = _DONE
-        self._complete = True
+    def _push(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > HIGH_WATER and not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
         self._wake()
 
     # -- the exchange, as the proxy's task sees it --------------------------
 
-    def begin(self, *, head_request: bool, secret: bytes = b"") -> None:
-        """Start a new exchange on this connection.
+    def begin(self, request: bytes, *, complete: bool, head_request: bool, secret: bytes = b"") -> None:
+        """Start a new exchange on this connection: send ``request``, its head and the body there is.
 
-        ``secret`` (the internal token the request carried) is looked for in the response
-        head, one scan of the bytes as they are parsed: ``secret_in_head`` says if it may be
-        there. Only its last 16 bytes are searched for (a JWT ends in about 90 random bits of its
-        signature): a short needle costs little to set up, a 280-byte one a pass over itself.
+        ``complete``: ``request`` is the whole request; else the rest of the body follows with
+        ``send_body``. ``secret`` (the internal token the request carried) is looked for in the
+        response head, one scan of the bytes as they are parsed: ``secret_in_head`` says if it
+        may be there. Only its last 16 bytes are searched for (a JWT ends in about 90 random bits
+        of its signature): a short needle costs little to set up, a 280-byte one a pass over itself.
         """
-        self._state = _HEAD
+        self._expect = _HEAD
         self._head_request = head_request
         self._secret = secret[-16:]
         self.secret_in_head = False
         self.head = None
-        self._complete = False
-        self._trailer_bytes = 0
-        self.request_complete = False
+        self._reader = None
+        self.request_complete = complete
         self.received_any = False
-        self.client_gone = False
-        self._pool._track(self)
+        self._on_slow = None
+        self._pool.track(self)
+        if self.closed or self._transport is None:
+            raise self._closed_error()
+        try:
+            self._transport.write(request)
+        except RuntimeError:  # uvloop: the handle closed before connection_lost was delivered
+            raise self._closed_error() from None
 
-    def watch_client(self, receive: Receive) -> None:
-        """Watch ``receive`` for the client going away once this exchange is older than ``WATCH_DELAY``.
+    def send_body(self, pieces: list[bytes], *, last: bool) -> None:
+        """Send more of the request body (``last``: the request is now complete)."""
+        if self.closed or self._transport is None:
+            raise self._closed_error()
+        try:
+            self._transport.writelines(pieces)
+        except RuntimeError:
+            raise self._closed_error() from None
+        self.request_complete = last
 
-        Call it only once the whole request has been read from ``receive``.
+    def _closed_error(self) -> ProxyError:
+        return self._error or UpstreamUnavailable("the plugin closed the connection")
+
+    def when_slow(self, task: Callable[["Connection", A], Coroutine[Any, Any, None]], arg: A) -> None:
+        """Run ``task(self, arg)`` alongside this exchange if it is still on one to two ``TICK`` periods from now.
+
+        The pool's ticker starts it: no timer per exchange, and most exchanges are over by
+        then. The task is cancelled when the exchange ends (``end_exchange`` or ``abort``).
         """
-        self._client = receive
-        self._watch_at = time.monotonic() + WATCH_DELAY
+        self._on_slow = task
+        self._slow_arg = arg
+        self._slow_ticks = 0
 
-    def _tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:
+        """The pool's ticker: expire an overdue wait, and call a callback this exchange is slow for."""
         waiter = self._waiter
         if waiter is not None and now >= self._deadline:
             self._waiter = None
             if not waiter.done():
                 waiter.set_exception(UpstreamTimeout("the plugin did not answer within the route's read_timeout"))
-        receive = self._client
-        if receive is not None and now >= self._watch_at:
-            self._client = None
-            self._watcher = asyncio.ensure_future(self._watch(receive), loop=self._loop)
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass  # request body the plugin answered without reading: nobody wants it
-        self._watcher = None
-        self.client_gone = True
-        self.abort()
-
-    def _end(self) -> None:
-        """The exchange is over: stop watching it."""
-        self._pool._busy.discard(self)
-        self._client = None
-        watcher = self._watcher
-        if watcher is not None:
-            self._watcher = None
-            watcher.cancel()
-
-    def write(self, data: bytes) -> None:
-        if self.closed or self._transport is None:
-            raise self._closed_error()
-        try:
-            self._transport.write(data)
-        except RuntimeError:  # uvloop: the handle closed before connection_lost was delivered
-            raise self._closed_error() from None
-
-    def writelines(self, data: list[bytes]) -> None:
-        if self.closed or self._transport is None:
-            raise self._closed_error()
-        try:
-            self._transport.writelines(data)
-        except RuntimeError:
-            raise self._closed_error() from None
-
-    def _closed_error(self) -> ProxyError:
-        return self._error or UpstreamUnavailable("the plugin closed the connection")
+        on_slow = self._on_slow
+        if on_slow is not None:
+            self._slow_ticks += 1
+            if self._slow_ticks == 2:  # (registered between the previous tick and the one before)
+                self._on_slow = None
+                self._slow_task = self.loop.create_task(on_slow(self, self._slow_arg))
 
     async def drain(self, timeout: float) -> None:
         """Wait while the plugin is not taking the request body, until it does or answers.
@@ -378,7 +290,7 @@ class Connection(asyncio.Protocol):
         while self._write_paused and not self.closed and self.head is None:
             await self.wait(timeout)
         if self.closed and self.head is None:
-            raise self._error or UpstreamUnavailable("the plugin closed the connection")
+            raise self._closed_error()
 
     def wait(self, timeout: float) -> "asyncio.Future[None]":
         """A future that completes when the exchange moves on, or fails after ``timeout`` seconds.
@@ -389,7 +301,7 @@ class Connection(asyncio.Protocol):
         if self._error is not None:
             raise self._error
         self._deadline = time.monotonic() + timeout
-        waiter = self._waiter = self._loop.create_future()
+        waiter = self._waiter = self.loop.create_future()
         return waiter
 
     def next_body(self) -> tuple[bytes, bool] | None:
@@ -401,8 +313,8 @@ class Connection(asyncio.Protocol):
             if self._read_paused and self._buffered < LOW_WATER and self._transport is not None:
                 self._read_paused = False
                 self._transport.resume_reading()
-            return chunk, not self._complete
-        if self._complete:
+            return chunk, self._expect != _NOTHING
+        if self._expect == _NOTHING:
             return b"", False
         if self._error is not None:
             raise self._error
@@ -413,11 +325,18 @@ class Connection(asyncio.Protocol):
         self._chunks.clear()
         return chunk
 
-    @property
-    def reusable(self) -> bool:
+    def end_exchange(self) -> bool:
+        """The exchange is over: stop its task (``when_slow``). Whether the connection may carry another.
+
+        Only when the whole request went out, the whole response came in, nothing unusual ever
+        happened on it, and the plugin keeps it alive.
+        """
+        self._on_slow = None
+        if self._slow_task is not None:
+            self._stop_slow_task()
         head = self.head
         return (
-            self._complete
+            self._expect == _NOTHING
             and self._clean
             and self.request_complete
             and not self.closed
@@ -433,14 +352,48 @@ class Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def abort(self) -> None:
-        """Close now, discarding buffers; used on errors and when the client goes away."""
+    def _stop_slow_task(self) -> None:
+        task = self._slow_task
+        self._slow_task = None
+        if task is not None and task is not asyncio.current_task(self.loop):
+            task.cancel()
+
+    def abort(self, error: ProxyError | None = None) -> None:
+        """Close now, discarding buffers: on errors, and when nobody wants the response any more.
+
+        ``error``: what the exchange fails with, unless it already failed.
+        """
         self._clean = False
+        if error is not None and self._error is None:
+            self._error = error
+            self._wake()
         if self._transport is not None and not self.closed:
             self._transport.abort()
         self.closed = True
-        self._pool._forget(self)
-        self._end()
+        self._pool.forget(self)
+        self._on_slow = None
+        if self._slow_task is not None:
+            self._stop_slow_task()
+
+
+def may_retry(error: ProxyError, method: str, *, reused: bool, received_any: bool, whole: bool) -> bool:
+    """Whether a failed exchange may be sent again, on a new connection.
+
+    Only when the plugin closed the connection before any answer and nothing can have come of
+    the request: ``error`` is ``UpstreamUnavailable`` (not a timeout, not the client leaving:
+    nobody waits for that answer), the connection was a pooled one (a plugin may close an idle
+    connection just as the proxy takes it; a new one failing is a real failure), nothing at
+    all came back on it, the ``whole`` request went out in one write (a body that streamed
+    through is no longer in hand), and the method is idempotent (RFC 9110 §9.2.2: a plugin
+    that crashed after reading a POST must not get it twice).
+    """
+    return (
+        isinstance(error, UpstreamUnavailable)
+        and reused
+        and not received_any
+        and whole
+        and method in IDEMPOTENT_METHODS
+    )
 
 
 async def retry_refused(open_connection: Callable[[], Awaitable[T]], *, retry_window: float) -> T:
@@ -523,34 +476,35 @@ class UpstreamPool:
 
     def release(self, conn: Connection) -> None:
         """Return a connection after its exchange; it is pooled only if it is clean."""
-        if not conn.reusable:
+        self._busy.discard(conn)
+        if not conn.end_exchange():
             conn.abort()
             return
-        conn._end()
-        conn._state = _IDLE
-        conn.idle_since = time.monotonic()
-        idle = self._idle.setdefault(conn._address, [])
+        idle = self._idle.setdefault(conn.upstream.address, [])
         if len(idle) >= self.max_idle_per_upstream:
             conn.abort()
             return
+        conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    def _forget(self, conn: Connection) -> None:
-        idle = self._idle.get(conn._address)
+    def track(self, conn: Connection) -> None:
+        """``conn`` carries an exchange now: tick it until it is released or forgotten."""
+        self._busy.add(conn)
+        if self._ticker is None or self._ticker_loop is not conn.loop:
+            self._ticker_loop = conn.loop
+            self._ticker = conn.loop.call_later(TICK, self._tick)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` closed: it is neither busy nor idle any more."""
+        self._busy.discard(conn)
+        idle = self._idle.get(conn.upstream.address)
         if idle and conn in idle:
             idle.remove(conn)
-
-    def _track(self, conn: Connection) -> None:
-        """Count ``conn`` as in flight; make sure the ticker runs on its loop."""
-        self._busy.add(conn)
-        if self._ticker is None or self._ticker_loop is not conn._loop:
-            self._ticker_loop = conn._loop
-            self._ticker = conn._loop.call_later(TICK, self._tick)
 
     def _tick(self) -> None:
         now = time.monotonic()
         for conn in list(self._busy):
-            conn._tick(now)
+            conn.tick(now)
         loop = self._ticker_loop
         self._ticker = loop.call_later(TICK, self._tick) if self._busy and loop is not None else None
 

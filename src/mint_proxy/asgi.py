@@ -10,30 +10,34 @@ untouched. A match is proxied:
 1. Refuse what must not be forwarded (dot segments, a bad or over-long target,
    ambiguous framing, a loop through this proxy, a method that echoes or tunnels)
    with a JSON error; see ``headers.py``.
-2. Read the first body message. If it holds the whole body, the request head and
-   body go upstream in one write; otherwise the body streams chunk by chunk,
-   framed anew (``Content-Length`` when the client gave one, else chunked), with
-   ``drain()`` providing back-pressure and ``max_body_bytes`` enforced as bytes
-   arrive (413 without reading the rest).
-3. Once the body is sent, the exchange watches ``receive()`` for the client
-   going away (``Connection.watch_client``: a task, started only for exchanges
-   still running after ``WATCH_DELAY``, that aborts the upstream connection, so
-   the plugin stops working for nobody and the connection is never pooled).
-4. The response head is filtered (``headers.filter_response``; fields carrying the
-   request's own internal token are dropped first, see ``_drop_secret``) and sent; body
-   chunks are passed on as they arrive. ``Content-Length`` is kept when the
-   plugin sent one, otherwise the ASGI server chunks the response.
+2. Read the first body message (``_check_body``: ``max_body_bytes`` and the declared
+   ``Content-Length``, as for every later message). If it holds the whole body, the
+   request head and body go upstream in one write (``_request_bytes``, ``Connection.begin``);
+   otherwise the body streams chunk by chunk, framed anew (``Content-Length`` when the
+   client gave one, else chunked; ``_body_pieces``), with ``drain()`` providing
+   back-pressure and the limits enforced as bytes arrive (413 without reading the rest).
+3. Once the body is read, the exchange watches ``receive()`` for the client going
+   away (``_disconnect.watch_client``, handed to ``Connection.when_slow``: a task,
+   started only for exchanges still running a tick or two later, that aborts the
+   upstream connection, so the plugin stops working for nobody and the connection
+   is never pooled).
+4. The response head is filtered (``_response_headers``: ``headers.filter_response``;
+   fields carrying the request's own internal token are dropped first, see
+   ``_drop_secret``) and sent; body chunks are passed on as they arrive.
+   ``Content-Length`` is kept when the plugin sent one, otherwise the ASGI server
+   chunks the response.
 5. A failure before the response starts becomes a JSON error (502/504/...). After
    it starts, the client connection is aborted instead: a truncated body must
-   never look like a complete one.
+   never look like a complete one. A client that left is logged as 499.
 
 Retries. Refused connections are retried inside the pool for ``retry_window``.
 A pooled connection that turns out to be closed before any response byte
-arrived is retried once on a new connection, only when the whole request is
-still in hand (its body came in one message, so it went out in the same write
-as the head) and the method is idempotent (RFC 9110 §9.2.2): a plugin that
-crashed after reading a POST must not get it twice, and a body that streamed
-through cannot be sent again (nginx with request buffering off does the same).
+arrived is retried on a new connection (step 3 again, the same code), only when
+the whole request is still in hand (its body came in one message, so it went
+out in the same write as the head) and the method is idempotent (RFC 9110
+§9.2.2): a plugin that crashed after reading a POST must not get it twice, and
+a body that streamed through cannot be sent again (nginx with request buffering
+off does the same). ``_upstream.may_retry`` makes that decision.
 """
 
 import asyncio
@@ -45,10 +49,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ._accesslog import Failure, access_logger, finish_http, refusal
+from ._disconnect import ClientGone, watch_client
 from ._forward import Forward, Via
+from ._http11 import ResponseHead
 from ._respond import send_proxy_error
 from ._types import ASGIApp, Message, RawHeaders, Receive, Scope, Send
-from ._upstream import Connection, UpstreamPool
+from ._upstream import Connection, UpstreamPool, may_retry
 from ._websocket import deny_websocket, proxy_websocket
 from .errors import (
     BadRequest,
@@ -58,7 +64,6 @@ from .errors import (
     PluginUnavailable,
     ProxyError,
     RequestTimeout,
-    UpstreamUnavailable,
 )
 from .headers import (
     RequestInfo,
@@ -78,7 +83,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mint_proxy")
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods never forwarded to a plugin (405): TRACE and TRACK echo the request, internal token
 # included (RFC 9110 §9.3.8 lets a server reflect it); CONNECT asks for a tunnel, which an
 # HTTP/1.1 server in front of a plugin would then be in (h11 switches protocol on a 2xx);
@@ -145,7 +149,8 @@ class ProxyMiddleware:
         scope_type = scope["type"]
         if scope_type == "http" or scope_type == "websocket":
             try:
-                route = self._match(scope["path"])
+                path: str = scope["path"]
+                route = self._route(path) if "/." not in path else self._match(path)
             except BadRequest as exc:
                 await self._refuse(scope, send, exc)
                 return
@@ -216,6 +221,7 @@ class ProxyMiddleware:
 
         A path with dot segments that touches a route, as written or once resolved,
         is refused (``BadRequest``); other dot-segment paths fall through untouched.
+        (``__call__`` goes straight to ``_route`` for a path without ``/.``: one call less.)
         """
         if "/." in path and (_DOT_SEGMENT.search(path) or path.partition("/")[0] in (".", "..")):
             if self._route(path) or self._route(_remove_dot_segments(path)):
@@ -251,9 +257,11 @@ class ProxyMiddleware:
         return forward
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
-        # One coroutine from the request to the last body chunk: every await level
-        # costs on each resume, so the hot path neither nests helpers nor awaits
-        # what has already arrived.
+        """The steps of the module docstring, each a named call.
+
+        One coroutine from the request to the last body chunk: every await level costs on
+        each resume, so the awaits stay here and the synchronous work is in plain functions.
+        """
         started = time.perf_counter()
         request_id = b""
         status = 0
@@ -270,6 +278,7 @@ class ProxyMiddleware:
             metrics.started += 1
         try:
             try:
+                # 1. Refuse what must not be forwarded.
                 http_version: str = scope.get("http_version", "1.1")
                 info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via.marker)
                 request_id = info.request_id
@@ -278,118 +287,85 @@ class ProxyMiddleware:
                     raise MethodNotAllowed(f"{method} is not forwarded to plugins")
                 forward = self._forward(route)
                 target = forward.target(scope)
-                limit = route.max_body_bytes
-                if info.content_length or info.chunked or http_version not in ("1.1", "1.0"):
+                limit, declared = route.max_body_bytes, info.content_length
+
+                # 2. The first body message: the whole request is in hand when it holds the whole body.
+                if declared or info.chunked or http_version not in ("1.1", "1.0"):
                     # (HTTP/2 and 3 may carry a body without any framing header, RFC 9113 §8.1.)
-                    if limit is not None and info.content_length is not None and info.content_length > limit:
-                        raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+                    if declared is not None:
+                        _check_body(declared, False, limit, declared)  # too large: 413 before reading any
                     message = await self._receive_body(receive)
                     if message["type"] != "http.request":
                         status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
                     body: bytes = message.get("body", b"")
                     more: bool = message.get("more_body", False)
+                    received = len(body)
+                    _check_body(received, not more, limit, declared)
                 else:
                     # HTTP/1.x with neither Content-Length nor Transfer-Encoding has no body
-                    # (RFC 9112 §6.3); its empty body message is left for the client watcher.
+                    # (RFC 9112 §6.3); its empty body message is left for the client watch.
                     body, more = b"", False
-                received = len(body)
-                if limit is not None and received > limit:
-                    raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-                declared = info.content_length
-                if declared is not None and (received > declared or (not more and received != declared)):
-                    raise BadRequest(_LENGTH_MISMATCH)
-                whole = not more  # the whole request goes in one write: it can be sent again
+                whole = not more
+                request, chunked = _request_bytes(forward, scope, info, method, target, body, more)
+                secret = forward.secret  # the token just put in the request (the route's may be renewed meanwhile)
 
-                added = forward.fields(scope, info)
-                secret = forward.secret  # the token this request carries (the route's may be renewed meanwhile)
-                if info.host is None:
-                    added.append(forward.host_field)
-                lines = field_lines(info.headers + added)
-                chunked = info.content_length is None and (info.chunked or more)
-                if chunked:
-                    lines += b"transfer-encoding: chunked\r\n"
-                    if body:
-                        body = b"%x\r\n%s\r\n" % (len(body), body)
-                    if not more:
-                        body += b"0\r\n\r\n"
-                elif info.content_length is not None or body:
-                    length = len(body) if info.content_length is None else info.content_length
-                    lines += b"content-length: %d\r\n" % length
-                request = b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body)
-
+                # 2-3. Send it, stream the rest, watch the client; once more on a new connection if a
+                # pooled one turns out closed and ``may_retry`` allows.
                 timeout = route.read_timeout
-                conn = self.pool.take_idle(route.upstream) or await self.pool.connect(
-                    route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
-                )
-                conn.begin(head_request=method == "HEAD", secret=secret)
-                conn.write(request)
-                while more:
-                    if conn.head is not None:
-                        break  # the plugin answered early: stop sending, relay its answer
-                    message = await self._receive_body(receive)
-                    if message["type"] != "http.request":
-                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
-                        return
-                    chunk: bytes = message.get("body", b"")
-                    last_chunk = not message.get("more_body", False)
-                    received += len(chunk)
-                    if limit is not None and received > limit:
-                        raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-                    if declared is not None and (received > declared or (last_chunk and received != declared)):
-                        raise BadRequest(_LENGTH_MISMATCH)
-                    if conn.head is not None:
-                        break  # it answered while we waited for this chunk, which stays unsent (`more` too)
-                    if chunked:
-                        end = b"\r\n0\r\n\r\n" if last_chunk else b"\r\n"
-                        conn.writelines([b"%x\r\n" % len(chunk), chunk, end] if chunk else [end[2:]])
-                    elif chunk:
-                        conn.write(chunk)
-                    more = not last_chunk
-                    await conn.drain(timeout)
-                conn.request_complete = not more
-                conn.watch_client(receive)
-                try:
-                    while conn.head is None:
-                        await conn.wait(timeout)
-                except UpstreamUnavailable:
-                    if conn.client_gone or not whole or not _may_retry(conn, method):
-                        raise
-                    conn.abort()
-                    if metrics is not None:
-                        metrics.retried(route.plugin)
-                    conn = await self.pool.connect(
-                        route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
-                    )
-                    conn.begin(head_request=method == "HEAD", secret=secret)
-                    conn.write(request)
-                    conn.request_complete = True
-                    conn.watch_client(receive)
-                    while conn.head is None:
-                        await conn.wait(timeout)
+                conn = self.pool.take_idle(route.upstream)
+                while True:
+                    if conn is None:
+                        conn = await self.pool.connect(
+                            route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
+                        )
+                    try:
+                        conn.begin(request, complete=whole, head_request=method == "HEAD", secret=secret)
+                        while more and conn.head is None:  # (an early answer stops the upload)
+                            message = await self._receive_body(receive)
+                            if message["type"] != "http.request":
+                                status, failure = CLIENT_CLOSED, _CLIENT_LEFT
+                                return
+                            chunk: bytes = message.get("body", b"")
+                            more = message.get("more_body", False)
+                            received += len(chunk)
+                            _check_body(received, not more, limit, declared)
+                            if conn.head is not None:
+                                break  # it answered while we waited for this chunk, which stays unsent
+                            conn.send_body(_body_pieces(chunk, more, chunked), last=not more)
+                            await conn.drain(timeout)
+                        conn.when_slow(watch_client, receive)  # (the client may now leave: watch for it)
+                        while conn.head is None:
+                            await conn.wait(timeout)
+                        break
+                    except ProxyError as exc:
+                        if not may_retry(exc, method, reused=conn.reused, received_any=conn.received_any, whole=whole):
+                            raise
+                        conn.abort()
+                        conn = None
+                        if metrics is not None:
+                            metrics.retried(route.plugin)
+
+                # 4. The response head, filtered.
                 head = conn.head
                 ttfb = time.perf_counter() - started
-                fields = head.headers
-                if conn.secret_in_head:
-                    fields = _drop_secret(fields, secret, route)
-                headers = filter_response(fields, request_id=request_id, route=route, client_prefix=forward.prefix)
-                if head.content_length is not None:
-                    headers.append((b"content-length", b"%d" % head.content_length))
+                headers = _response_headers(conn, head, request_id, route, forward.prefix, secret)
                 await send({"type": "http.response.start", "status": head.status, "headers": headers})
             except ProxyError as exc:
+                # 5. A failure before the response started: a JSON error (499 in the log if the client left).
                 if conn is not None:
                     conn.abort()
-                    if conn.client_gone:
-                        status, failure = CLIENT_CLOSED, _CLIENT_LEFT
-                        return
+                if isinstance(exc, ClientGone):
+                    status, failure = CLIENT_CLOSED, _CLIENT_LEFT
+                    return
                 status, failure = exc.status, (f"{exc.error}: {exc.detail}", exc, False)
                 if not request_id:
                     request_id = client_request_id(scope["headers"]) or new_request_id()
                 sent = await send_proxy_error(send, exc, request_id)
                 return
 
-            # The response has started. From here a failure aborts the client's connection
-            # instead of finishing it, so a truncated body never looks complete.
+            # 4. The body, relayed as it arrives. From here a failure aborts the client's
+            # connection instead of finishing it, so a truncated body never looks complete.
             status = head.status
             try:
                 more = True
@@ -406,7 +382,7 @@ class ProxyMiddleware:
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
             except ProxyError as exc:
                 # One event, one line: the access line says the client got ``status`` and an abort.
-                failure = _CLIENT_LEFT if conn.client_gone else (f"aborted: {exc.detail}", exc, True)
+                failure = _CLIENT_LEFT if isinstance(exc, ClientGone) else (f"aborted: {exc.detail}", exc, True)
         finally:
             if conn is not None and not released:
                 conn.abort()
@@ -436,8 +412,61 @@ def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
     return kept
 
 
-def _may_retry(conn: Connection, method: str) -> bool:
-    return conn.reused and not conn.received_any and conn.request_complete and method in IDEMPOTENT_METHODS
+def _check_body(received: int, last: bool, limit: int | None, declared: int | None) -> None:
+    """Refuse a request body over the route's limit (413) or not the length it declared (400).
+
+    ``received``: the body bytes so far; ``last``: that is all of them.
+    """
+    if limit is not None and received > limit:
+        raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+    if declared is not None and (received > declared or (last and received != declared)):
+        raise BadRequest(_LENGTH_MISMATCH)
+
+
+def _request_bytes(
+    forward: Forward, scope: Scope, info: RequestInfo, method: str, target: bytes, body: bytes, more: bool
+) -> tuple[bytes, bool]:
+    """The request as it goes upstream (head and the body in hand), and whether its body is chunked.
+
+    The body keeps the client's ``Content-Length`` when it gave one; one that streams without
+    is chunked anew, and one that came whole gets its length.
+    """
+    added = forward.fields(scope, info)
+    if info.host is None:
+        added.append(forward.host_field)
+    lines = field_lines(info.headers + added)
+    chunked = info.content_length is None and (info.chunked or more)
+    if chunked:
+        lines += b"transfer-encoding: chunked\r\n"
+        if body:
+            body = b"%x\r\n%s\r\n" % (len(body), body)
+        if not more:
+            body += b"0\r\n\r\n"
+    elif info.content_length is not None or body:
+        length = len(body) if info.content_length is None else info.content_length
+        lines += b"content-length: %d\r\n" % length
+    return b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body), chunked
+
+
+def _body_pieces(chunk: bytes, more: bool, chunked: bool) -> list[bytes]:
+    """A streamed body message as it goes upstream (its own chunk when the body is chunked)."""
+    if not chunked:
+        return [chunk]
+    end = b"\r\n" if more else b"\r\n0\r\n\r\n"
+    return [b"%x\r\n" % len(chunk), chunk, end] if chunk else [end[2:]]
+
+
+def _response_headers(
+    conn: Connection, head: ResponseHead, request_id: bytes, route: Route, client_prefix: str, secret: bytes
+) -> RawHeaders:
+    """The plugin's response fields as the client gets them (``headers.filter_response``)."""
+    fields = head.headers
+    if conn.secret_in_head:
+        fields = _drop_secret(fields, secret, route)
+    headers = filter_response(fields, request_id=request_id, route=route, client_prefix=client_prefix)
+    if head.content_length is not None:
+        headers.append((b"content-length", b"%d" % head.content_length))
+    return headers
 
 
 def _remove_dot_segments(path: str) -> str:
