@@ -64,7 +64,6 @@ from .headers import (
     RequestInfo,
     client_request_id,
     drop_fields_containing,
-    field_lines,
     filter_response,
     inspect_request,
     new_request_id,
@@ -301,11 +300,8 @@ class ProxyMiddleware:
                     raise BadRequest(_LENGTH_MISMATCH)
                 whole = not more  # the whole request goes in one write: it can be sent again
 
-                added = forward.fields(scope, info)
+                lines = forward.field_lines(scope, info)
                 secret = forward.secret  # the token this request carries (the route's may be renewed meanwhile)
-                if info.host is None:
-                    added.append(forward.host_field)
-                lines = field_lines(info.headers + added)
                 chunked = info.content_length is None and (info.chunked or more)
                 if chunked:
                     lines += b"transfer-encoding: chunked\r\n"
