@@ -38,6 +38,9 @@ class RoundResult:
     get_rss_mib: float | None = None
     post_rss_mib: float | None = None
     other_load_pct: float | None = None  # CPU time others used on the proxy's CPU, % of wall time
+    # CPU time others (neither wrk nor the backend) used on wrk's and the backend's CPU during the
+    # 64-connection run, % of its wall time: load there starves the proxy of requests and responses.
+    client_other_load_pct: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -304,7 +307,9 @@ def render(
             "proxy µs/req",
             "GET MB/s",
             "POST MB/s",
+            "proxy busy @64",
             "others' load on proxy CPU",
+            "others' load on wrk+backend CPU @64",
         ],
         [
             [
@@ -317,9 +322,18 @@ def render(
                 _fmt(r.proxy_cpu_us, 1),
                 _fmt(r.get_mbps),
                 _fmt(r.post_mbps),
+                _fmt(_busy(r), 0, "%"),
                 _fmt(r.other_load_pct, 1, "%"),
+                _fmt(r.client_other_load_pct, 1, "%"),
             ]
             for r in results
         ],
     )
     return "\n".join(out) + "\n"
+
+
+def _busy(result: RoundResult) -> float | None:
+    """The share of the 64-connection run the proxy's CPU spent on the proxy, in %."""
+    if result.proxy_cpu_us is None or result.rps64 is None:
+        return None
+    return result.proxy_cpu_us * result.rps64 / 1e4

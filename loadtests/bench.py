@@ -15,6 +15,7 @@ with the direct run of the same round.
 import argparse
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -213,8 +214,13 @@ class _Run:
         backend_pids = [self.backend.child.pid]
         proxy_pids = target.proxy_pids()
         proxy_before, backend_before = cpu_seconds(proxy_pids), cpu_seconds(backend_pids)
+        client_before, wrk_before, began = cpu_task_seconds(CLIENT_CPU), _children_cpu_seconds(), time.monotonic()
         run = self.wrk(target, 64, self.opts.duration)
         proxy_after, backend_after = cpu_seconds(proxy_pids), cpu_seconds(backend_pids)
+        # What took CPU 0 besides wrk (a reaped child by now) and the backend: other processes.
+        others = (cpu_task_seconds(CLIENT_CPU) - client_before) - (_children_cpu_seconds() - wrk_before)
+        others -= backend_after - backend_before
+        result.client_other_load_pct = max(0.0, 100.0 * others / (time.monotonic() - began))
         self._note(result, "c64", run)
         result.rps64 = run.rps
         if run.requests:
@@ -248,13 +254,20 @@ class _Run:
                 result = self.measure(target, round_index)
                 self.results.append(result)
                 noisy = (result.other_load_pct or 0.0) >= NOISY_LOAD_PERCENT
+                starved = (result.client_other_load_pct or 0.0) >= NOISY_LOAD_PERCENT
                 print(
                     f"round {round_index + 1}/{self.opts.repeats} {target.name:<16} "
                     f"p50 {_short(result.p50_us)} µs  @64 {_short(result.rps64)} req/s  "
                     f"proxy {_short(result.proxy_cpu_us, 1)} µs/req  GET {_short(result.get_mbps)} MB/s  "
                     f"POST {_short(result.post_mbps)} MB/s  ({time.monotonic() - began:.0f} s)"
                     + (f"  [{len(result.errors)} error(s)]" if result.errors else "")
-                    + (f"  [others used {result.other_load_pct:.0f}% of CPU {PROXY_CPU}]" if noisy else ""),
+                    + (f"  [others used {result.other_load_pct:.0f}% of CPU {PROXY_CPU}]" if noisy else "")
+                    + (
+                        f"  [others used {result.client_other_load_pct:.0f}% of CPU {CLIENT_CPU} at 64 connections:"
+                        " wrk and the backend were slowed, req/s @64 is low]"
+                        if starved
+                        else ""
+                    ),
                     flush=True,
                 )
 
@@ -263,8 +276,15 @@ def _short(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _others_load(results: Sequence[RoundResult]) -> str:
-    loads = [r.other_load_pct for r in results if r.other_load_pct is not None]
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's reaped children (wrk, once a run is over)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _others_load(results: Sequence[RoundResult], client: bool = False) -> str:
+    measured = [r.client_other_load_pct if client else r.other_load_pct for r in results]
+    loads = [load for load in measured if load is not None]
     return f"median {statistics.median(loads):.1f}%, max {max(loads):.1f}%" if loads else "not measured"
 
 
@@ -334,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"transfers of {size} each way ({opts.stream_bytes:,} bytes; MB = 10^6 bytes)",
         f"CPU layout: wrk, transfer client and backend on CPU {CLIENT_CPU}; proxy under test alone on CPU {PROXY_CPU}",
         f"CPU idle in the second before the run: {idle_text}; other processes' load on the proxy's CPU "
-        f"{PROXY_CPU} during the measurements: {_others_load(run.results)}",
+        f"{PROXY_CPU} during the measurements: {_others_load(run.results)}; on wrk's and the backend's CPU "
+        f"{CLIENT_CPU} during the 64-connection runs: {_others_load(run.results, client=True)} (load there "
+        "leaves the proxy waiting for work: compare req/s @64 only between rounds where it is near 0)",
         f"wall time {time.monotonic() - began:.0f} s",
     ]
     report = render(summarize(run.results, opts.targets), run.results, meta=meta, skipped=run.skipped)

@@ -2,16 +2,20 @@
 
 import re
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from mint_proxy import headers
 from mint_proxy.errors import BadRequest, HeadersTooLarge, LoopDetected
 from mint_proxy.headers import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     RequestInfo,
     _filter_response_fully,
+    _inspect_fully,
+    _valid_hosts,
     client_request_id,
     filter_response,
     forwarded_fields,
@@ -416,6 +420,62 @@ def test_via_from_another_proxy_is_kept() -> None:
     raw = [HOST, (b"via", b"1.1 nginx, 1.0 squid")]
 
     assert inspect(raw).headers == raw
+
+
+def test_a_host_accepted_before_does_not_let_an_invalid_one_through() -> None:
+    inspect([(b"host", b"example.com")])
+
+    with pytest.raises(BadRequest, match="Host"):
+        inspect([(b"host", b"example.com/evil")])
+
+
+def test_the_accepted_hosts_remembered_stay_few_whatever_clients_send() -> None:
+    for n in range(2000):
+        inspect([(b"host", b"h%d.example" % n)])
+
+    assert 0 < len(_valid_hosts) <= 256
+
+
+_REQUEST_NAMES = [
+    b"host", b"Host", b"accept", b"x-a", b"cookie", b"via", b"content-length", b"transfer-encoding",
+    b"connection", b"keep-alive", b"expect", b"te", b"x-request-id", b"x_request_id", b"traceparent",
+    b"X-Mint-Internal-Token", b"x-forwarded-for", b"x.forwarded.host", b"forwarded", b"x-real-ip",
+]  # fmt: skip
+_REQUEST_VALUES = [
+    b"proxy.example", b"[::1]:8000", b"bad/host", b"", b"5", b"5, 5", b"chunked", b"x-a, close", b"keep-alive",
+    b"abc-123", b"1.1 mint-proxy-test", b"1.1 nginx", b"00-" + b"4" * 32 + b"-" + b"5" * 16 + b"-01",
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    raw=st.lists(
+        st.tuples(
+            # the plain names and values of the common request, half of the time
+            st.sampled_from([b"host", b"accept"]) | st.sampled_from(_REQUEST_NAMES),
+            st.just(b"proxy.example") | st.sampled_from(_REQUEST_VALUES),
+        ),
+        max_size=6,
+    ),
+    http_version=st.sampled_from(["1.0", "1.1", "2"]),
+)
+def test_request_inspection_shortcut_agrees_with_the_full_rules(raw: Headers, http_version: str) -> None:
+    """The common-request shortcut of ``inspect_request`` is an optimisation, never a different rule."""
+    names = b"\n".join(name for name, _ in raw)
+
+    def outcome(run: Any) -> object:
+        try:
+            with mock.patch.object(headers, "new_request_id", return_value=b"new"):
+                return run()
+        except (BadRequest, LoopDetected) as exc:
+            return (type(exc), exc.detail)
+
+    shortcut = outcome(lambda: inspect(raw, http_version=http_version))
+    full = outcome(
+        lambda: _inspect_fully(raw, names, True, http_version=http_version, via_marker=MARKER)  # every name looked at
+    )
+
+    assert shortcut == full
 
 
 # --- forwarded_fields and via_value -----------------------------------------------------------

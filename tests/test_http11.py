@@ -7,6 +7,7 @@ as ``_upstream.Connection`` hands its reads over; ``tests/test_upstream.py`` tes
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from mint_proxy._http11 import (
     CHUNKED,
@@ -20,6 +21,7 @@ from mint_proxy._http11 import (
     ContentLengthReader,
     ResponseHead,
     UntilCloseReader,
+    _read_framing,
     body_reader,
     parse_chunk_size,
     parse_response_head,
@@ -270,6 +272,31 @@ def test_transfer_encoding_on_http_1_0_response_closes_the_connection() -> None:
     head = parse(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive")
 
     assert head.keep_alive is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.integers(1, 20).flatmap(lambda n: st.text(alphabet="0123456789", min_size=n, max_size=n)).map(str.encode)
+    | st.text(alphabet="0123456789 \t,+-xa", max_size=22).map(str.encode)
+    | st.sampled_from([b"\xb2", b"1\xb9"]),  # superscript digits: not digits in HTTP
+    http10=st.booleans(),
+    others=st.lists(st.sampled_from([b"Content-Type: text/plain", b"X-A: 1"]), max_size=2),
+)
+def test_one_content_length_shortcut_agrees_with_the_full_framing_rules(
+    value: bytes, http10: bool, others: list[bytes]
+) -> None:
+    """The one-plain-Content-Length shortcut of ``parse_response_head`` is an optimisation, never a different rule."""
+    block = b"\r\n".join([b"HTTP/1.0 200 OK" if http10 else b"HTTP/1.1 200 OK", *others, b"Content-Length: " + value])
+    try:
+        content_length, _, keep_alive = _read_framing([(b"content-length", value.strip(b" \t"))], http10)
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse(block)
+        return
+
+    head = parse(block)
+
+    assert (head.framing, head.content_length, head.keep_alive) == (LENGTH, content_length, keep_alive)
 
 
 # --- parse_chunk_size --------------------------------------------------------------------------

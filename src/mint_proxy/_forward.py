@@ -5,9 +5,12 @@ prefix) and used by both the HTTP and the WebSocket path, so each rule has one h
 
 - the request target the plugin receives (``target``): the client's raw path, the route
   prefix stripped when the route says so, the upstream's base path in front;
-- the fields the proxy adds after filtering the client's (``fields``): ``X-Forwarded-*``,
-  ``Via``, ``X-Request-Id`` and the plugin's internal token, as a header list (the HTTP path
-  serialises it once, together with the client's fields; nothing is parsed back);
+- the fields the proxy adds after filtering the client's: ``X-Forwarded-*``, ``Via``,
+  ``X-Request-Id`` and the plugin's internal token, as a header list (``fields``, for the
+  WebSocket handshake) and, with the client's kept fields and the ``Host`` the client did not
+  send, as the wire bytes of the upstream request's field lines (``field_lines``, for the HTTP
+  path). The lines that only change with the route are serialised once per route, so a request
+  formats its own values only. Nothing is parsed back;
 - the authority for a ``Host`` the client did not send (``host_field``);
 - the prefix the client's path has in front of the plugin's (``prefix``), for
   ``X-Forwarded-Prefix`` and for rewriting ``Location``.
@@ -17,7 +20,16 @@ from urllib.parse import quote
 
 from ._types import RawHeaders, Scope
 from .errors import BadRequest, URITooLong
-from .headers import INTERNAL_TOKEN_FIELD, REQUEST_ID_FIELD, RequestInfo, _keep_only, forwarded_fields, via_value
+from .headers import (
+    _PROTO_FIELDS,
+    INTERNAL_TOKEN_FIELD,
+    REQUEST_ID_FIELD,
+    RequestInfo,
+    _keep_only,
+    field_lines,
+    forwarded_fields,
+    via_value,
+)
 from .routing import Route
 from .tokens import TokenIssuer
 
@@ -29,6 +41,8 @@ MAX_TARGET_BYTES = 8 * 1024
 # parses it as it would in-process). Nothing that could end or split the request line.
 _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
 _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
+# ``forwarded_fields``'s X-Forwarded-Proto for the ASGI schemes, as a field line.
+_PROTO_LINES = {scheme: b"%s: %s\r\n" % field for scheme, field in _PROTO_FIELDS.items()}
 
 
 class Via:
@@ -42,6 +56,9 @@ class Via:
 
     def field(self, http_version: str) -> tuple[bytes, bytes]:
         return self._fields.get(http_version) or (b"via", via_value(http_version, self.marker))
+
+    def line(self, http_version: str) -> bytes:
+        return b"via: %s\r\n" % self.field(http_version)[1]
 
 
 class Forward:
@@ -58,6 +75,8 @@ class Forward:
         "_token",
         "token_field",
         "secret",
+        "_token_line",
+        "_lines_after_host",
     )
 
     def __init__(self, route: Route, *, mount_path: str, via: Via, tokens: TokenIssuer | None) -> None:
@@ -72,6 +91,10 @@ class Forward:
         self._token: str | None = None
         self.token_field = (INTERNAL_TOKEN_FIELD, b"")
         self.secret = b""  # the token as bytes, looked for in the plugin's response head
+        self._token_line = b""  # token_field as a field line ("" without a TokenIssuer)
+        # What follows X-Forwarded-Host and comes before X-Request-Id, by HTTP version: X-Forwarded-Prefix and Via.
+        prefix_line = b"x-forwarded-prefix: %s\r\n" % self.prefix.encode("latin-1") if self.prefix else b""
+        self._lines_after_host = {v: prefix_line + via.line(v) for v in ("1.0", "1.1", "2")}
 
     def target(self, scope: Scope) -> bytes:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
@@ -108,10 +131,44 @@ class Forward:
         if self._tokens is not None:
             token = self._tokens.token_for(self.route.plugin)
             if token is not self._token:
-                self.secret = token.encode("ascii")
-                self._token, self.token_field = token, (INTERNAL_TOKEN_FIELD, self.secret)
+                self._take(token)
             fields.append(self.token_field)
         return fields
+
+    def field_lines(self, scope: Scope, info: RequestInfo) -> bytes:
+        """The upstream request's field lines: the client's kept fields, ``fields``, then ``Host`` if none came.
+
+        The bytes ``headers.field_lines`` makes of ``info.headers + fields(scope, info)`` (plus
+        ``host_field`` when ``info.host`` is None), with the per-route lines serialised once.
+        ``secret`` is then the token these lines carry, as after ``fields``.
+        """
+        client = scope.get("client")
+        host = info.host
+        proto = _PROTO_LINES.get(scope.get("scheme", "http"))
+        after_host = self._lines_after_host.get(scope.get("http_version", "1.1"))
+        if client is None or host is None or proto is None or after_host is None:
+            # Any other request: the list, serialised (its lines differ in which fields there are).
+            added = self.fields(scope, info)
+            return field_lines(info.headers + added if host is not None else info.headers + added + [self.host_field])
+        if self._tokens is not None:
+            token = self._tokens.token_for(self.route.plugin)
+            if token is not self._token:
+                self._take(token)
+        return b"%sx-forwarded-for: %s\r\n%sx-forwarded-host: %s\r\n%sx-request-id: %s\r\n%s" % (
+            b"".join([b"%s: %s\r\n" % field for field in info.headers]),
+            client[0].encode("latin-1"),
+            proto,
+            host,
+            after_host,
+            info.request_id,
+            self._token_line,
+        )
+
+    def _take(self, token: str) -> None:
+        """Make ``token`` the one the route's requests carry from now on."""
+        self.secret = token.encode("ascii")
+        self._token, self.token_field = token, (INTERNAL_TOKEN_FIELD, self.secret)
+        self._token_line = b"%s: %s\r\n" % self.token_field
 
 
 def _authority(route: Route) -> bytes:

@@ -69,7 +69,6 @@ from .headers import (
     RequestInfo,
     client_request_id,
     drop_fields_containing,
-    field_lines,
     filter_response,
     inspect_request,
     new_request_id,
@@ -431,10 +430,7 @@ def _request_bytes(
     The body keeps the client's ``Content-Length`` when it gave one; one that streams without
     is chunked anew, and one that came whole gets its length.
     """
-    added = forward.fields(scope, info)
-    if info.host is None:
-        added.append(forward.host_field)
-    lines = field_lines(info.headers + added)
+    lines = forward.field_lines(scope, info)
     chunked = info.content_length is None and (info.chunked or more)
     if chunked:
         lines += b"transfer-encoding: chunked\r\n"

@@ -537,7 +537,7 @@ class ConfigWatcher:
         self._signature = _signature(path)
         self._pending: tuple[int, int, int] | None | bool = False  # a new signature seen once (False: none)
         # Baseline for the restart warning: the settings the file holds now (best effort).
-        self._settings: tuple[str, float, str] | None = None
+        self._settings: tuple[str, float, str, bool] | None = None
         try:
             config = load_dev_config(path, environ=environ)
         except DevConfigError:
