@@ -42,7 +42,9 @@ from .utils import (
 
 TRAP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\ntrap"
 SMUGGLED = b"GET /trap/smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-PROXY, SERVER = "proxy", "server"  # who refuses a request: the proxy (JSON) or the ASGI server
+# Outcomes in the tables: the proxy refused (its JSON 4xx), the ASGI server refused (its plain 400),
+# or the request reached the plugin.
+PROXY, SERVER, FORWARDED = "proxy", "server", "forwarded"
 
 
 def by_parser(http: str, h11: Any, httptools: Any) -> Any:

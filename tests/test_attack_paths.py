@@ -144,7 +144,7 @@ PIECES = ["peak", "admin", "..", ".", "%2e", "%2E", "%2e%2e", ".%2e", "%2f", "%5
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=6))
 def test_generated_paths_never_cross_routes(shared_rig: Rig, pieces: list[str]) -> None:
-    """2 (property): either a 4xx, or the plugin that answered is the route of the normalised decoded
+    """Either a 4xx, or the plugin that answered is the route of the normalised decoded
     path and received exactly the raw path the proxy saw; else the platform, which no route claims."""
     shared_rig.reset()
     target = ("/" + "/".join(pieces)).encode()

@@ -55,16 +55,17 @@ async def test_headers_then_silence_is_a_408(start_proxy: StartProxy, plugin: Pl
     assert_proxy_error(one_response(raw), 408, "request_timeout")
 
 
+@pytest.mark.slow
 def test_slow_first_request_head_is_not_bounded_by_the_asgi_server(http: str) -> None:
-    """8 (measured): uvicorn's ``timeout_keep_alive`` only runs between requests; a connection whose
+    """uvicorn's ``timeout_keep_alive`` only runs between requests; a connection whose
     first request head never completes stays open (slowloris). That limit belongs in front of the
     server (``--limit-concurrency``, a front proxy's header timeout), not in the proxy."""
-    with serve(Recorder(), http=http, timeout_keep_alive=1) as server:
+    with serve(Recorder(), http=http, timeout_keep_alive=0.3) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n")
-            sock.settimeout(1.5)
+            sock.settimeout(1.0)
             with pytest.raises(TimeoutError):
-                sock.recv(1)  # still open, long after the 1 s keep-alive timeout
+                sock.recv(1)  # still open, long after the 0.3 s keep-alive timeout
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")

@@ -1,8 +1,6 @@
 """Requests that try to make the proxy connect elsewhere, and Location rewrites that would send the
 client to another host."""
 
-import time
-
 import pytest
 
 from mint_proxy import Route
@@ -50,8 +48,7 @@ def test_nothing_in_a_request_makes_the_proxy_connect_elsewhere(rig: Rig, templa
     raw, _ = exchange(rig.port, data)
     response = one_response(raw)
     assert response.body != b"trap"
-    time.sleep(0.1)  # the trap's accept loop polls every 50 ms: give a stray connection time to count
-    assert pending_connections(rig.outsider) == 0
+    assert pending_connections(rig.outsider) == 0  # a connect is in the backlog before it returns
 
 
 def test_rewrite_headers_reach_the_plugin_as_plain_headers_and_forwarding_is_rebuilt(rig: Rig) -> None:
@@ -97,6 +94,7 @@ def test_location_rewrite_never_points_the_client_at_another_host(start_site: St
 
 
 def test_location_on_the_plugins_origin_still_becomes_a_path(start_site: StartSite) -> None:
+    """A Location on the plugin's own origin that stays a plain path still becomes the client's path."""
     app = Plugin()
     with serve(app) as plugin:
         site = start_site([Route("/peak", plugin.url)])

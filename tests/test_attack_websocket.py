@@ -85,6 +85,7 @@ async def test_client_message_over_the_route_limit_closes_both_sides_with_1009(s
 
 
 async def test_messages_up_to_the_route_limit_are_relayed_both_ways(start_site: StartSite) -> None:
+    """Messages of exactly the route's limit (bytes, or UTF-8 text) pass both ways."""
     app = Plugin()
     with serve(app) as plugin:
         site = start_site([Route("/peak", plugin.url, max_message_bytes=1029)])
