@@ -451,6 +451,7 @@ def test_desync_corpus_case(case: Case, rig: Rig, http: str) -> None:
 
 
 def test_corpus_is_complete_and_every_case_has_an_expectation() -> None:
+    """All 158 corpus cases load, each has an outcome per parser, and the table obeys the tier rules."""
     assert len(CASES) == 158  # the corpus README says 159; its nine files hold 158
     assert {c.id for c in CASES} == set(EXPECTED)
     assert {c.tier for c in CASES} == {"Compliant", "Acceptable", "Ambiguous", "Severe"}
