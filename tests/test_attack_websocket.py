@@ -133,6 +133,7 @@ def proxy_process(config: str, tmp_path: Any) -> Iterator[tuple[int, int]]:
             process.stderr.close()
 
 
+@pytest.mark.slow
 async def test_plugin_sending_huge_websocket_messages_keeps_the_proxy_memory_bounded(tmp_path: Any) -> None:
     """Regression test: the proxy's memory grew with the plugin's message (about 3 x its size). With
     ``max_message_bytes`` from the config, a plugin sending 64 MiB messages moves the proxy's peak
