@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import threading
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -17,11 +18,16 @@ GZIPPED = gzip.compress(b"hello gzip " * 100, mtime=0)
 
 
 class Plugin:
-    """A recording plugin. ``seen`` holds one dict per request that reached it."""
+    """A recording plugin. ``seen`` holds one dict per request that reached it.
+
+    ``release`` is what ``/held`` and ``/gated`` wait for: the test sets it when it has seen what it
+    waits for, so no test sleeps to let the plugin get somewhere first.
+    """
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
         self.events: list[str] = []
+        self.release = threading.Event()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -93,10 +99,30 @@ class Plugin:
             await send({"type": "http.response.body", "body": block, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
+    async def do_gated(
+        self, scope: Scope, receive: Any, send: Any, query: dict[str, str], record: dict[str, Any]
+    ) -> None:
+        """``?chunks=N``: N chunks of 5 bytes; after the first, nothing more until ``release`` is set."""
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(int(query.get("chunks", 3))):
+            await send({"type": "http.response.body", "body": b"x" * 5, "more_body": True})
+            self.events.append(f"sent {i}")
+            if i == 0:
+                released = await asyncio.to_thread(self.release.wait, 10)
+                self.events.append("released" if released else "never released")
+        await send({"type": "http.response.body", "body": b""})
+
+    async def do_held(
+        self, scope: Scope, receive: Any, send: Any, query: dict[str, str], record: dict[str, Any]
+    ) -> None:
+        """Answers ``{"held": true}`` once ``release`` is set (``false`` if it never is, after 10 s)."""
+        released = await asyncio.to_thread(self.release.wait, 10)
+        await json_response(send, {"held": released})
+
     async def do_sse(
         self, scope: Scope, receive: Any, send: Any, query: dict[str, str], record: dict[str, Any]
     ) -> None:
-        """Server-sent events; the next one is sent only after ``/ack`` says the client saw the last."""
+        """``?events=N&delay=D``: N server-sent events, D seconds apart (each in a chunk of its own)."""
         events, delay = int(query.get("events", 3)), float(query.get("delay", 0.05))
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -144,11 +170,18 @@ class Plugin:
     async def do_slow(
         self, scope: Scope, receive: Any, send: Any, query: dict[str, str], record: dict[str, Any]
     ) -> None:
+        """``?delay=D``: answers after D seconds, unless its client (the proxy) leaves first."""
         try:
-            await asyncio.sleep(float(query.get("delay", 1)))
+            async with asyncio.timeout(float(query.get("delay", 1))):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.events.append("slow-abandoned")
+                return
         except asyncio.CancelledError:
             self.events.append("slow-cancelled")
             raise
+        except TimeoutError:
+            pass
         await json_response(send, {"slow": True})
 
     async def do_hang(

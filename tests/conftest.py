@@ -11,8 +11,9 @@ import pytest
 
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
 
+from .attack_rig import Rig, StartSite, open_rig, site_starter
 from .backends import Plugin
-from .utils import SECRET, Running, serve
+from .utils import SECRET, RawBackend, Running, Server, serve
 
 # The isolation tests' session fixtures: one wheelhouse, one throwaway platform venv.
 pytest_plugins = ["tests.isolation_support"]
@@ -53,9 +54,12 @@ def private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture(params=["h11", "httptools"])
+@pytest.fixture(scope="module", params=["h11", "httptools"])
 def http(request: pytest.FixtureRequest) -> str:
-    """The proxy's uvicorn HTTP parser: the two accept different malformed input."""
+    """The proxy's uvicorn HTTP parser: the two accept different malformed input.
+
+    Module-scoped, so that a module's tests run parser by parser and share one ``shared_rig`` each.
+    """
     param: str = request.param
     return param
 
@@ -65,21 +69,21 @@ class PluginServer:
     app: Plugin
     url: str
     port: int
-    uds: str = ""
+    server: Server
 
 
 @pytest.fixture
 def plugin() -> Iterator[PluginServer]:
     app = Plugin()
     with serve(app) as running:
-        yield PluginServer(app, running.url, running.port)
+        yield PluginServer(app, running.url, running.port, running.server)
 
 
 @pytest.fixture
 def plugin2() -> Iterator[PluginServer]:
     app = Plugin()
     with serve(app) as running:
-        yield PluginServer(app, running.url, running.port)
+        yield PluginServer(app, running.url, running.port, running.server)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ProxyServer:
     port: int
     middleware: ProxyMiddleware
     routes: RouteTable
+    server: Server
 
 
 StartProxy = Callable[..., ProxyServer]
@@ -107,9 +112,37 @@ def start_proxy(http: str) -> Iterator[StartProxy]:
             running: Running = stack.enter_context(
                 serve(middleware, http=http, proxy_headers=trust_forwarded, lifespan="auto")
             )
-            return ProxyServer(running.url, running.port, middleware, table)
+            return ProxyServer(running.url, running.port, middleware, table, running.server)
 
         yield start
+
+
+@pytest.fixture(scope="module")
+def shared_rig(http: str) -> Iterator[Rig]:
+    """The attack rig (tests/attack_rig.py), one per parser and module."""
+    with open_rig(http) as rig:
+        yield rig
+
+
+@pytest.fixture
+def rig(shared_rig: Rig) -> Rig:
+    """The module's attack rig, with its records cleared."""
+    shared_rig.reset()
+    return shared_rig
+
+
+@pytest.fixture(params=["standalone", "mounted"])
+def start_site(request: pytest.FixtureRequest, http: str) -> Iterator[StartSite]:
+    """Start the proxy alone, or mounted on ``/api`` in a FastAPI platform (tests/attack_rig.py)."""
+    with site_starter(request.param, http) as start:
+        yield start
+
+
+@pytest.fixture
+def ok_backend() -> Iterator[RawBackend]:
+    """A plugin that answers 200 "ok" to anything; ``connections`` counts what reached it."""
+    with RawBackend(lambda head, index: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

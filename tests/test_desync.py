@@ -1,4 +1,4 @@
-"""The HTTP desync corpus against the proxy, under both of uvicorn's parsers (issue #4, item 11).
+"""The HTTP desync corpus against the proxy, under both of uvicorn's parsers.
 
 The corpus is aws/http-desync-guardian's YAML test cases (vendored in ``tests/data/http-desync-guardian``):
 158 requests classified Compliant / Acceptable / Ambiguous / Severe by how a front-end proxy must
@@ -41,20 +41,21 @@ import yaml  # type: ignore[import-untyped]  # PyYAML comes with uvicorn[standar
 
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
 
+from .attack_rig import SMUGGLED, TRAP_ANSWER, Tap
 from .backends import Plugin
-from .test_hardening import (
+from .utils import (
+    SECRET,
     SERVER_400,
-    SMUGGLED,
-    TRAP_ANSWER,
+    RawBackend,
     Response,
-    Tap,
     assert_proxy_error,
     assert_server_refused,
     exchange,
     parse_responses,
+    serve,
+    settled,
     wait_for,
 )
-from .utils import SECRET, RawBackend, serve
 
 # Vendored (Apache-2.0, LICENSE and provenance beside the data) so that CI runs it on any machine.
 CORPUS = Path(__file__).resolve().parent / "data" / "http-desync-guardian"
@@ -321,12 +322,12 @@ H11_NORMALISES = {"severe-01", "severe-11", "severe-13", "severe-18"}
 
 # Compliant cases that are refused on purpose: stricter than the corpus.
 STRICTER = {
-    "more-compliant-tests-05": "the proxy accepts exactly `Transfer-Encoding: chunked` (issue #4 §1)",
-    "more-compliant-tests-07": "the proxy accepts exactly `Transfer-Encoding: chunked` (issue #4 §1)",
-    "more-compliant-tests-08": "the proxy accepts exactly `Transfer-Encoding: chunked` (issue #4 §1)",
+    "more-compliant-tests-05": "the proxy accepts exactly `Transfer-Encoding: chunked` (test_attack_framing.py)",
+    "more-compliant-tests-07": "the proxy accepts exactly `Transfer-Encoding: chunked` (test_attack_framing.py)",
+    "more-compliant-tests-08": "the proxy accepts exactly `Transfer-Encoding: chunked` (test_attack_framing.py)",
     "more-compliant-tests-09": "both servers refuse transfer-coding parameters",
-    "rfc-compliant-08": "the proxy accepts exactly `Transfer-Encoding: chunked` (issue #4 §1)",
-    "rfc-compliant-09": "the proxy accepts exactly `Transfer-Encoding: chunked` (issue #4 §1)",
+    "rfc-compliant-08": "the proxy accepts exactly `Transfer-Encoding: chunked` (test_attack_framing.py)",
+    "rfc-compliant-09": "the proxy accepts exactly `Transfer-Encoding: chunked` (test_attack_framing.py)",
     "rfc-compliant-10": "both servers refuse transfer-coding parameters",
     "rfc-compliant-12": "both servers refuse raw UTF-8 in the request target",
     "rfc-compliant-13": "an empty request target is not HTTP/1.1",
@@ -350,13 +351,6 @@ class Rig:
         self.trap.requests.clear()
 
 
-@pytest.fixture(scope="module", params=PARSERS)
-def http(request: pytest.FixtureRequest) -> str:
-    """Module-scoped twin of conftest's ``http``: one proxy per parser serves all 158 cases."""
-    param: str = request.param
-    return param
-
-
 @pytest.fixture(scope="module")
 def rig(http: str) -> Iterator[Rig]:
     """``/desync`` -> Tap (counts every byte) -> ``Plugin``; ``/trap`` -> ``RawBackend``; nothing else."""
@@ -366,7 +360,7 @@ def rig(http: str) -> Iterator[Rig]:
         upstream = stack.enter_context(serve(plugin))
         # Runs after tap.stop (LIFO): let the plugin's server see the tap's connections close
         # before it shuts down, or uvloop closes its loop with a transport still closing.
-        stack.callback(wait_for, lambda: not upstream.server.server_state.connections)
+        stack.callback(wait_for, settled(upstream.server))
         tap = Tap(upstream.port)
         stack.callback(tap.stop)
         routes = RouteTable({"/desync": tap.url, "/trap": trap.url})
@@ -457,6 +451,7 @@ def test_desync_corpus_case(case: Case, rig: Rig, http: str) -> None:
 
 
 def test_corpus_is_complete_and_every_case_has_an_expectation() -> None:
+    """All 158 corpus cases load, each has an outcome per parser, and the table obeys the tier rules."""
     assert len(CASES) == 158  # the corpus README says 159; its nine files hold 158
     assert {c.id for c in CASES} == set(EXPECTED)
     assert {c.tier for c in CASES} == {"Compliant", "Acceptable", "Ambiguous", "Severe"}

@@ -1,7 +1,7 @@
 """End-to-end WebSocket proxying under a real uvicorn (h11 and httptools) in front of real plugin servers.
 
-Issue item 14: "WebSocket requests to a routed prefix are proxied with the same path, headers,
-request id, token and subprotocols; text and binary frames relay both ways; close codes propagate".
+A WebSocket to a routed prefix reaches the plugin with the same path, headers, request id, token
+and subprotocols; text and binary frames relay both ways; close codes propagate both ways.
 """
 
 import asyncio
@@ -13,7 +13,7 @@ import logging
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ from mint_proxy import Route, RouteTable, verify_internal_token
 
 from .backends import Plugin, header_values
 from .conftest import PluginServer, ProxyServer, StartProxy
-from .utils import SECRET, RawBackend, bind_socket, free_port, serve
+from .utils import SECRET, RawBackend, async_wait_for, bind_socket, free_port, pending_connections, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -58,13 +58,6 @@ async def handshake_refusal(proxy: ProxyServer, path: str) -> InvalidStatus:
     return refused.value
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` until it holds; fail after ``DEADLINE`` seconds."""
-    async with asyncio.timeout(DEADLINE):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def websocket_platform(scope: Any, receive: Any, send: Any) -> None:
     """A tiny platform app: accepts WebSockets and says which path reached it."""
     if scope["type"] != "websocket":
@@ -79,6 +72,7 @@ async def websocket_platform(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def test_plugin_sees_the_same_raw_path_with_escapes_kept(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The plugin's handshake carries the client's raw path, percent-escapes as sent."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/live%2Fx/feed?run=7&q=a%20b") as ws:
         await ws.send("hi")
@@ -108,6 +102,7 @@ async def test_query_string_reaches_the_plugin(start_proxy: StartProxy) -> None:
 
 
 async def test_client_headers_reach_the_plugin(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """Authorization, cookies and custom headers of the handshake reach the plugin unchanged."""
     proxy = start_proxy({"/peak": plugin.url})
     sent = {"Authorization": "Bearer user-session", "Cookie": "session=abc; theme=dark", "X-Custom": "kept as is"}
     async with ws_connect(proxy, "/peak/feed", additional_headers=sent) as ws:
@@ -120,6 +115,7 @@ async def test_client_headers_reach_the_plugin(start_proxy: StartProxy, plugin: 
 
 
 async def test_client_host_header_reaches_the_plugin(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The plugin sees the client's Host, not its own address."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         await ws.send("hi")
@@ -130,6 +126,7 @@ async def test_client_host_header_reaches_the_plugin(start_proxy: StartProxy, pl
 async def test_repeated_headers_keep_their_order_and_user_agent_is_the_clients_only(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """Repeated headers keep their order; the only User-Agent is the client's, none from a library."""
     proxy = start_proxy({"/peak": plugin.url})
     sent = [("X-Custom", "one"), ("X-Other", "between"), ("X-Custom", "two")]
     async with ws_connect(proxy, "/peak/feed", additional_headers=sent, user_agent_header="mint-test/1"):
@@ -143,6 +140,7 @@ async def test_repeated_headers_keep_their_order_and_user_agent_is_the_clients_o
 async def test_forwarding_headers_come_from_the_scope_not_the_client(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """X-Forwarded-* and Via are the proxy's, from the scope; the client's Forwarded never reaches the plugin."""
     proxy = start_proxy({"/peak": plugin.url})
     spoofed = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https", "Forwarded": "for=6.6.6.6"}
     async with ws_connect(proxy, "/peak/feed", additional_headers=spoofed):
@@ -157,6 +155,7 @@ async def test_forwarding_headers_come_from_the_scope_not_the_client(
 
 
 async def test_mount_path_is_forwarded_as_part_of_the_raw_path(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """Under a mount path the plugin gets the full path, mount path included."""
     proxy = start_proxy({"/peak": plugin.url}, mount_path="/api")
     async with ws_connect(proxy, "/api/peak/feed") as ws:
         await ws.send("hi")
@@ -167,6 +166,7 @@ async def test_mount_path_is_forwarded_as_part_of_the_raw_path(start_proxy: Star
 async def test_strip_prefix_forwards_the_rest_and_the_prefix_header(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """A stripped prefix: the plugin gets the rest of the path and X-Forwarded-Prefix."""
     proxy = start_proxy(RouteTable([Route("/peak", plugin.url, strip_prefix=True)]), mount_path="/api")
     async with ws_connect(proxy, "/api/peak/feed") as ws:
         await ws.send("hi")
@@ -179,6 +179,7 @@ async def test_strip_prefix_forwards_the_rest_and_the_prefix_header(
 async def test_valid_client_request_id_is_kept_and_returned_on_accept(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """A valid client X-Request-Id reaches the plugin and comes back on the 101."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed", additional_headers={"X-Request-Id": "client-id.42:a_b"}) as ws:
         assert ws.response is not None
@@ -189,6 +190,7 @@ async def test_valid_client_request_id_is_kept_and_returned_on_accept(
 async def test_invalid_client_request_id_is_replaced_by_one_shared_with_the_plugin(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """An invalid X-Request-Id is replaced by one new id, the same for the plugin and the client."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed", additional_headers={"X-Request-Id": "no spaces/allowed"}) as ws:
         assert ws.response is not None
@@ -198,6 +200,7 @@ async def test_invalid_client_request_id_is_replaced_by_one_shared_with_the_plug
 
 
 async def test_plugin_gets_exactly_one_valid_internal_token(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The plugin's handshake carries exactly one internal token, valid for that plugin."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed"):
         pass
@@ -207,6 +210,7 @@ async def test_plugin_gets_exactly_one_valid_internal_token(start_proxy: StartPr
 
 
 async def test_forged_internal_token_from_the_client_is_replaced(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """A client's internal token, in any spelling, is dropped for the proxy's own."""
     proxy = start_proxy({"/peak": plugin.url})
     forged = [("X-Mint-Internal-Token", "forged"), ("X_Mint_Internal_Token", "forged-alias")]
     async with ws_connect(proxy, "/peak/feed", additional_headers=forged):
@@ -221,6 +225,7 @@ async def test_forged_internal_token_from_the_client_is_replaced(start_proxy: St
 async def test_subprotocols_are_offered_to_the_plugin_and_its_choice_reaches_the_client(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """The client's subprotocols are offered to the plugin in order; the plugin's choice is the client's."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed", subprotocols=[Subprotocol("v2"), Subprotocol("v1")]) as ws:
         assert ws.subprotocol == "v2"
@@ -228,6 +233,7 @@ async def test_subprotocols_are_offered_to_the_plugin_and_its_choice_reaches_the
 
 
 async def test_no_subprotocol_offered_means_none_selected(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """No subprotocol offered: none offered to the plugin, none selected."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         assert ws.subprotocol is None
@@ -238,6 +244,7 @@ async def test_no_subprotocol_offered_means_none_selected(start_proxy: StartProx
 
 
 async def test_text_frames_round_trip(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """Text messages (empty, non-ASCII, 70 KB) relay both ways unchanged."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         for text in ("hello", "", "ünïcødé ✓", "x" * 70_000):
@@ -246,6 +253,7 @@ async def test_text_frames_round_trip(start_proxy: StartProxy, plugin: PluginSer
 
 
 async def test_binary_frames_round_trip(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """Binary messages relay both ways unchanged, as binary."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         for data in (b"\x00\xff\x01binary", bytes(range(256)) * 1000):
@@ -256,6 +264,7 @@ async def test_binary_frames_round_trip(start_proxy: StartProxy, plugin: PluginS
 
 
 async def test_text_and_binary_frames_keep_their_type_and_order(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """Interleaved text and binary messages keep their type and order."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         for i in range(20):
@@ -268,6 +277,7 @@ async def test_text_and_binary_frames_keep_their_type_and_order(start_proxy: Sta
 
 
 async def test_plugin_close_code_and_reason_reach_the_client(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The plugin's close code and reason reach the client."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         await ws.send("close:4001")
@@ -278,12 +288,13 @@ async def test_plugin_close_code_and_reason_reach_the_client(start_proxy: StartP
 
 
 async def test_client_close_code_reaches_the_plugin(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The client's close code reaches the plugin."""
     proxy = start_proxy({"/peak": plugin.url})
     async with ws_connect(proxy, "/peak/feed") as ws:
         await ws.send("hi")
         await recv(ws)
         await ws.close(4002, "client leaves")
-    await wait_until(lambda: "ws-closed 4002" in plugin.app.events)
+    assert await async_wait_for(lambda: "ws-closed 4002" in plugin.app.events)
     assert plugin.app.events == ["ws-closed 4002"]
 
 
@@ -294,7 +305,7 @@ async def test_client_that_vanishes_closes_the_plugin_with_1000(start_proxy: Sta
         await ws.send("hi")
         await recv(ws)
         ws.transport.abort()
-    await wait_until(lambda: bool(plugin.app.events))
+    assert await async_wait_for(lambda: bool(plugin.app.events))
     assert plugin.app.events == ["ws-closed 1000"]
 
 
@@ -326,6 +337,7 @@ async def test_plugin_that_vanishes_without_a_close_frame_closes_the_client_with
 async def test_plugin_refusal_fails_the_client_handshake_with_a_json_error(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """A plugin refusing the handshake fails the client's with a 403 JSON error and the request id."""
     proxy = start_proxy({"/peak": plugin.url})
     refusal = await handshake_refusal(proxy, "/peak/refuse")
     response = refusal.response
@@ -369,6 +381,7 @@ async def test_a_refusal_keeps_the_headers_its_status_needs(
 
 
 async def test_nothing_listening_upstream_fails_the_handshake_with_502(start_proxy: StartProxy) -> None:
+    """No plugin listening: a 502 JSON error that names no address."""
     dead = free_port()
     proxy = start_proxy({"/peak": f"http://127.0.0.1:{dead}"}, retry_window=0.2)
     refusal = await handshake_refusal(proxy, "/peak/feed")
@@ -381,6 +394,7 @@ async def test_nothing_listening_upstream_fails_the_handshake_with_502(start_pro
 
 
 async def test_client_request_id_is_kept_on_a_refusal(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """The client's request id reaches the plugin and comes back on the refusal."""
     proxy = start_proxy({"/peak": plugin.url})
     with pytest.raises(InvalidStatus) as refused:
         async with ws_connect(proxy, "/peak/refuse", additional_headers={"X-Request-Id": "refused-1"}):
@@ -392,6 +406,7 @@ async def test_client_request_id_is_kept_on_a_refusal(start_proxy: StartProxy, p
 
 
 async def test_plugin_silent_during_the_handshake_is_a_504(start_proxy: StartProxy) -> None:
+    """A plugin that takes the handshake and never answers is a 504 after the route's timeout."""
     release = threading.Event()
     with RawBackend(lambda head, index: b"" if release.wait(DEADLINE) else b"") as backend:
         try:
@@ -415,6 +430,7 @@ async def test_plugin_silent_during_the_handshake_is_a_504(start_proxy: StartPro
     ],
 )
 async def test_invalid_plugin_handshake_is_a_502(start_proxy: StartProxy, answer: bytes) -> None:
+    """A plugin handshake answer that is not a valid 101 is a 502 that names no address."""
     with RawBackend(lambda head, index: answer) as backend:
         proxy = start_proxy({"/peak": backend.url})
         response = (await handshake_refusal(proxy, "/peak/feed")).response
@@ -434,19 +450,6 @@ async def test_plugin_answering_the_upgrade_with_200_is_a_502(start_proxy: Start
 
 def redirect_to(location: str) -> bytes:
     return f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode()
-
-
-def pending_connections(listener: socket.socket) -> int:
-    """Accept (and close) every connection waiting on a listening socket nobody serves."""
-    count = 0
-    listener.setblocking(False)
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
 
 
 async def test_plugin_redirect_to_another_server_is_not_followed(start_proxy: StartProxy) -> None:
@@ -474,6 +477,7 @@ async def test_plugin_redirect_on_the_same_server_is_not_followed(start_proxy: S
 async def test_dot_segments_touching_a_route_never_reach_the_plugin(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """A WebSocket path with dot segments that resolve into a route is refused and never forwarded."""
     proxy = start_proxy({"/peak": plugin.url}, app=websocket_platform)
     refusal = await handshake_refusal(proxy, "/other/../peak/feed")
     assert 400 <= refusal.response.status_code < 500
@@ -493,6 +497,7 @@ async def test_dot_segments_refusal_is_a_400_json_error(start_proxy: StartProxy,
 async def test_route_pointing_back_at_the_proxy_is_refused_as_a_loop(
     start_proxy: StartProxy, plugin: PluginServer
 ) -> None:
+    """A route pointing back at the proxy refuses the WebSocket with 508."""
     routes = RouteTable({"/other": plugin.url})
     proxy = start_proxy(routes)
     routes.set("/peak", proxy.url)
@@ -505,6 +510,7 @@ async def test_route_pointing_back_at_the_proxy_is_refused_as_a_loop(
 
 
 async def test_unrouted_websocket_falls_through_to_the_app(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """An unrouted WebSocket goes to the wrapped app, not a plugin."""
     proxy = start_proxy({"/peak": plugin.url}, app=websocket_platform)
     async with ws_connect(proxy, "/peakX/feed") as ws:
         assert await recv(ws) == "platform:/peakX/feed"
@@ -512,6 +518,7 @@ async def test_unrouted_websocket_falls_through_to_the_app(start_proxy: StartPro
 
 
 async def test_unrouted_websocket_without_an_app_is_refused(start_proxy: StartProxy, plugin: PluginServer) -> None:
+    """An unrouted WebSocket with no app to fall through to is refused with a 4xx."""
     proxy = start_proxy({"/peak": plugin.url})
     refusal = await handshake_refusal(proxy, "/elsewhere")
     assert 400 <= refusal.response.status_code < 500
@@ -531,6 +538,7 @@ async def test_unrouted_websocket_without_an_app_is_a_json_404(start_proxy: Star
 async def test_route_changes_apply_to_the_next_websocket(
     start_proxy: StartProxy, plugin: PluginServer, plugin2: PluginServer
 ) -> None:
+    """An open WebSocket keeps its plugin when the route changes; the next one follows the new route."""
     routes = RouteTable({"/peak": plugin.url})
     proxy = start_proxy(routes)
     async with ws_connect(proxy, "/peak/feed") as ws:
@@ -552,6 +560,7 @@ def unix_plugin() -> Iterator[tuple[Plugin, str]]:
 
 
 async def test_unix_socket_upstream_relays_frames_and_close_codes(start_proxy: StartProxy) -> None:
+    """Over a Unix socket upstream: subprotocol, frames both ways, close code, path and token."""
     with unix_plugin() as (app, url):
         proxy = start_proxy({"/peak": url})
         async with ws_connect(proxy, "/peak/feed?x=1", subprotocols=[Subprotocol("v2")]) as ws:
@@ -568,7 +577,7 @@ async def test_unix_socket_upstream_relays_frames_and_close_codes(start_proxy: S
         verify_internal_token(header_values(app.seen[0], "x-mint-internal-token")[0], SECRET, plugin="peak")
 
 
-# -- access log (issue item 20: one line per proxied request) ------------------------------------------------
+# -- access log: one line per WebSocket session or refusal ------------------------------------------------
 
 
 async def test_websocket_handshake_failure_is_access_logged(
@@ -594,7 +603,7 @@ async def test_websocket_session_is_access_logged(
             await ws.send("close:4001")
             with pytest.raises(ConnectionClosed):
                 await recv(ws)
-        await wait_until(lambda: any(r.name == "mint_proxy.access" for r in caplog.records))
+        assert await async_wait_for(lambda: any(r.name == "mint_proxy.access" for r in caplog.records))
     lines = [r.getMessage() for r in caplog.records if r.name == "mint_proxy.access"]
     assert len(lines) == 1
     assert re.fullmatch(r'ws-log-me "WEBSOCKET /peak/feed" plugin=peak status=101 \d+\.\dms .*', lines[0])
@@ -610,7 +619,10 @@ MESSAGES = 12
 
 
 class SendThenClose:
-    """A plugin that sends MESSAGES × 1 MiB, then closes with 4001."""
+    """A plugin that sends MESSAGES × 1 MiB, then closes with 4001 and sets ``closed``."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
@@ -620,16 +632,13 @@ class SendThenClose:
         for index in range(MESSAGES):
             await send({"type": "websocket.send", "bytes": bytes([index]) * (1 << 20)})
         await send({"type": "websocket.close", "code": 4001, "reason": "done"})
+        self.closed.set()
         while (await receive())["type"] != "websocket.disconnect":
             pass
 
 
-def read_frames_until_eof(sock: socket.socket) -> tuple[int, int | None]:
-    """Read server frames (unmasked) until EOF: the number of data messages and the close code."""
-    data = b""
-    sock.settimeout(DEADLINE)
-    while chunk := sock.recv(1 << 20):
-        data += chunk
+def parse_server_frames(data: bytes) -> tuple[int, int | None]:
+    """The number of whole data messages in ``data`` (server frames, unmasked) and the close code, if any."""
     messages, code, pos = 0, None, 0
     while pos + 2 <= len(data):
         opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
@@ -648,6 +657,20 @@ def read_frames_until_eof(sock: socket.socket) -> tuple[int, int | None]:
     return messages, code
 
 
+def read_frames_until_eof(sock: socket.socket) -> tuple[int, int | None]:
+    """Read server frames until EOF, answering the close frame as a client does (RFC 6455 §5.5.1),
+    so that the server closes at once: the number of data messages and the close code."""
+    data = b""
+    answered = False
+    sock.settimeout(DEADLINE)
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+        if not answered and (code := parse_server_frames(data)[1]) is not None:
+            sock.sendall(b"\x88\x82\x00\x00\x00\x00" + code.to_bytes(2, "big"))  # masked with a zero key
+            answered = True
+    return parse_server_frames(data)
+
+
 async def test_plugin_messages_and_close_code_reach_a_slow_client_that_sends_meanwhile(
     start_proxy: StartProxy,
 ) -> None:
@@ -656,7 +679,8 @@ async def test_plugin_messages_and_close_code_reach_a_slow_client_that_sends_mea
     The client reads nothing while the plugin sends everything and closes, then sends one
     message: the proxy finds the plugin gone on that send, yet relays the rest and 4001.
     """
-    with serve(SendThenClose()) as plugin:
+    app = SendThenClose()
+    with serve(app) as plugin:
         proxy = start_proxy({"/peak": plugin.url})
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -665,36 +689,44 @@ async def test_plugin_messages_and_close_code_reach_a_slow_client_that_sends_mea
             while b"\r\n\r\n" not in head:
                 head += sock.recv(1)
             assert head.startswith(b"HTTP/1.1 101")
-            await asyncio.sleep(1.5)  # the plugin has sent everything and closed; the proxy is behind
+            assert await asyncio.to_thread(app.closed.wait, DEADLINE)  # the proxy is behind
             sock.sendall(b"\x81\x83\x00\x00\x00\x00ack")  # one masked text frame
             messages, code = await asyncio.to_thread(read_frames_until_eof, sock)
     assert (messages, code) == (MESSAGES, 4001)
 
 
 class SlowAccept:
-    """A plugin that accepts after 1 s and records how the session ends."""
+    """A plugin that sets ``connected`` when the handshake reaches it, accepts once ``release`` is
+    set, and records how the session ends."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.connected = threading.Event()
+        self.release = threading.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
             return
         await receive()
-        await asyncio.sleep(1.0)
+        self.connected.set()
+        await asyncio.to_thread(self.release.wait, DEADLINE)
         await send({"type": "websocket.accept"})
         self.events.append("accepted")
         self.events.append((await receive())["type"])
 
 
 async def test_a_client_gone_during_the_plugin_handshake_closes_the_plugin_session(start_proxy: StartProxy) -> None:
+    """A client that leaves while the plugin has not accepted yet: the plugin's session, once accepted, is closed."""
     app = SlowAccept()
     with serve(app) as plugin:
         proxy = start_proxy({"/peak": plugin.url})
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
             sock.sendall(UPGRADE % b"/peak/feed")
-            await asyncio.sleep(0.3)  # the proxy waits for the plugin's 101
-        await wait_until(lambda: app.events == ["accepted", "websocket.disconnect"])
+            assert await asyncio.to_thread(app.connected.wait, DEADLINE)  # the proxy waits for the plugin's 101
+        # The proxy's server has seen its client go before the plugin accepts.
+        assert await async_wait_for(lambda: not proxy.server.server_state.connections)
+        app.release.set()
+        assert await async_wait_for(lambda: app.events == ["accepted", "websocket.disconnect"])
 
 
 async def test_a_fragment_in_the_target_is_a_400_json_error(start_proxy: StartProxy, plugin: PluginServer) -> None:
