@@ -14,13 +14,14 @@ import httpx
 import pytest
 
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
-from mint_proxy.plugins._election import LOCK_FILE, SupervisorLock, supervised
+from mint_proxy.plugins._election import LOCK_FILE, SupervisorLock
 from mint_proxy.plugins._secret import SECRET_FILE, SecretFileError, shared_secret
 from mint_proxy.plugins._views import status_document
 from mint_proxy.plugins._watch import DOWN_RETRY_AFTER, StateWatcher, expected_back, plugin_unavailable
 from mint_proxy.plugins.runtime import write_state
 from mint_proxy.plugins.spec import PluginState, PluginStatus
 
+from .supervised import supervised
 from .utils import SECRET
 
 
