@@ -1,5 +1,6 @@
 """Shared mode in-process: plugins under their prefixes, failures contained to one request."""
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from websockets.sync.client import connect
 
 from mint_plugin import current_request
 from mint_proxy import verify_internal_token
-from mint_proxy.isolation import SharedPlugin, SharedPluginImportError, SharedPluginsMiddleware
+from mint_proxy.isolation import SharedPlugin, SharedPluginImportError, SharedPluginsMiddleware, _lifespan
+from mint_proxy.isolation._lifespan import PluginLifespan
 from mint_proxy.tokens import TokenIssuer
 
 from .utils import SECRET, serve
@@ -374,3 +376,45 @@ def test_a_shared_plugin_raising_on_a_websocket_closes_it_1011_once_accepted(
             connect(f"{ws_url}/api/live/raise-before-accept", open_timeout=10)
         assert refused.value.response.status_code == 403
     assert sum("plugin=live" in record.getMessage() for record in caplog.records) == 2
+
+
+# -- a shared plugin's shutdown -----------------------------------------------------------------------------------
+
+
+def _lifespan_app(on_shutdown: str) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        if on_shutdown == "fail":
+            await send({"type": "lifespan.shutdown.failed", "message": "cannot flush the queue"})
+        elif on_shutdown == "raise":
+            raise RuntimeError("flush crashed")
+        elif on_shutdown == "hang":
+            await asyncio.Event().wait()
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("on_shutdown", "logged"),
+    [
+        pytest.param("fail", "plugin=late: shutdown failed: cannot flush the queue", id="failed"),
+        pytest.param("raise", "plugin=late: shutdown failed: flush crashed", id="raised"),
+        pytest.param("hang", "plugin=late: shutdown did not finish within 0.05s", id="hung"),
+    ],
+)
+def test_a_shared_plugin_whose_shutdown_fails_is_logged_and_the_platform_stops_anyway(
+    on_shutdown: str, logged: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_lifespan, "SHUTDOWN_TIMEOUT", 0.05)
+    session = PluginLifespan("late", _lifespan_app(on_shutdown))
+
+    async def start_then_stop() -> None:
+        await session.start()
+        await session.stop()
+
+    with caplog.at_level(logging.ERROR, logger="mint_proxy"):
+        asyncio.run(start_then_stop())
+    assert not session.failed
+    assert [record.getMessage() for record in caplog.records] == [logged]
