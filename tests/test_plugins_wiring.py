@@ -172,6 +172,15 @@ def test_a_symlinked_secret_file_is_refused(tmp_path: Path) -> None:
         shared_secret(str(tmp_path))
 
 
+def test_a_secret_file_too_short_to_sign_with_is_refused(tmp_path: Path) -> None:
+    """A truncated or hand-written short file is never used as the signing secret."""
+    path = tmp_path / SECRET_FILE
+    path.write_text("short\n")
+    path.chmod(0o600)
+    with pytest.raises(SecretFileError, match="the shared secret is too short; delete the file"):
+        shared_secret(str(tmp_path))
+
+
 # --- the views -----------------------------------------------------------------------------------------------
 
 
