@@ -78,4 +78,3 @@ def load_overrides(path: str | Path) -> Overrides:
     except json.JSONDecodeError as exc:
         raise OverridesError("", f"{path}: not valid JSON: {exc}") from None
     return Overrides.from_json(data, source=str(path))
-
