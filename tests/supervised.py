@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 
 from mint_proxy.plugins import PluginSpec, PluginState, PluginStatus, PluginSupervisor, RestartPolicy
+from mint_proxy.plugins._election import LOCK_FILE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = RestartPolicy(backoff_initial=0.05, backoff_max=0.2, stable_after=60.0, crash_limit=5, crash_window=60.0)
@@ -213,3 +215,20 @@ class SupervisedApp:
         await receive()  # lifespan.shutdown
         await self.supervisor.stop()
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def supervised(runtime_dir: str) -> bool:
+    """True if some process holds ``runtime_dir``'s supervisor lock right now (a brief shared-lock probe).
+
+    For tests only: the proxy itself never asks, it tries to take the lock."""
+    try:
+        fd = os.open(os.path.join(runtime_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

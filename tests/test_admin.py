@@ -4,6 +4,7 @@ Standalone (``DevProxyApp`` under ``/_mint``), mounted in FastAPI, and ``uvicorn
 with a Prometheus multiprocess directory.
 """
 
+import asyncio
 import os
 import re
 import subprocess
@@ -288,3 +289,42 @@ def test_retries_and_dropped_connections_are_counted(start_proxy: Any) -> None:
     assert sample(text, "mint_proxy_requests_total", plugin="peak", method="GET", code="200") == 2
     assert sample(text, "mint_proxy_requests_total", plugin="peak", method="POST", code="502") == 1
     assert sample(text, "mint_proxy_active_requests") == 0
+
+
+# -- the ASGI app itself: lifespan, WebSocket, HEAD ----------------------------------------------------------
+
+
+def run_asgi(app: AdminApp, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Call ``app`` once with ``incoming`` as its receive messages; return what it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_served_alone_the_admin_app_completes_its_lifespan() -> None:
+    """``uvicorn`` runs the lifespan of an app served on its own: startup and shutdown are answered."""
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent = run_asgi(AdminApp(RouteTable()), {"type": "lifespan"}, incoming)
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+
+def test_a_websocket_to_the_admin_views_is_closed_as_a_policy_violation() -> None:
+    scope = {"type": "websocket", "path": "/healthz", "headers": []}
+    sent = run_asgi(AdminApp(RouteTable()), scope, [{"type": "websocket.connect"}])
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "not a WebSocket endpoint"}]
+
+
+def test_head_answers_the_headers_of_get_without_the_body() -> None:
+    scope = {"type": "http", "method": "HEAD", "path": "/_mint/routes", "root_path": "/_mint", "headers": []}
+    start, body = run_asgi(AdminApp(RouteTable({"/peak": "http://127.0.0.1:9"})), scope, [])
+    headers = dict(start["headers"])
+    get = run_asgi(AdminApp(RouteTable({"/peak": "http://127.0.0.1:9"})), {**scope, "method": "GET"}, [])[1]["body"]
+    assert start["status"] == 200 and headers[b"content-length"] == b"%d" % len(get) and len(get) > 0
+    assert body == {"type": "http.response.body", "body": b""}

@@ -5,6 +5,7 @@ In-process tests serve ``DevProxyApp(environ=...)`` with ``tests.utils.serve``; 
 where a developer sees startup errors, reloads and access lines (issue item 22).
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import pytest
 
 from mint_proxy import DevProxyApp, InvalidInternalToken, verify_internal_token
 from mint_proxy.devconfig import CONFIG_ENV, SECRET_ENV
+from mint_proxy.plugins.runtime import ProcessRecord, boot_id, process_start_time, write_record
 
 from .backends import header_values
 from .conftest import PluginServer
@@ -623,3 +625,64 @@ def test_an_unknown_log_format_fails_startup(peak_config: Path, run_uvicorn: Cal
     child = run_uvicorn(**{CONFIG_ENV: str(peak_config), SECRET_ENV: SECRET, "MINT_PROXY_LOG_FORMAT": "xml"})
     assert child.wait() != 0
     assert "MINT_PROXY_LOG_FORMAT='xml': must be 'text' or 'json'" in "".join(child.stderr)
+
+
+# -- edits that need a restart, and a runtime dir another supervisor holds (in-process) -----------------------
+
+
+def test_an_edit_of_runtime_dir_or_shared_plugins_asks_for_a_restart_and_keeps_the_old_runtime_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routes apply at once; the runtime dir (lock, state, sockets) and the in-process mounts cannot move live."""
+    config = tmp_path / "config.dev.toml"
+    write_config(config, f'[settings]\nruntime_dir = "{tmp_path / "rt1"}"\n[proxy]\n"/a" = "http://127.0.0.1:9"\n')
+    app = DevProxyApp(environ={CONFIG_ENV: str(config), SECRET_ENV: SECRET})
+    proxy = app.setup()
+    try:
+        write_config(
+            config,
+            f'[settings]\nruntime_dir = "{tmp_path / "rt2"}"\n[proxy]\n"/b" = "http://127.0.0.1:9"\n'
+            '[shared."/s"]\napp = "somewhere:app"\n',
+        )
+        assert app.watcher is not None
+        with caplog.at_level(logging.WARNING, logger="mint_proxy"):
+            assert not app.watcher.check()  # the first look sees the edit; the next applies it, as it held still
+            assert app.watcher.check()
+        assert [route.prefix for route in proxy.routes.routes()] == ["/b"]
+        assert app.config is not None and app.config.runtime_dir == str(tmp_path / "rt1")
+        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert f"{config}: [shared] plugins changed; restart the platform to mount them" in warnings
+        assert f"{config}: runtime_dir changed; restart the proxy to apply it" in warnings
+    finally:
+        proxy.pool.close()
+
+
+def test_a_runtime_dir_another_live_supervisor_recorded_leaves_this_process_routing_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lock was free but the directory's records belong to a supervisor that still runs: this
+    process logs why, releases the lock, routes, and tries again later instead of killing its plugins."""
+    runtime_dir = tmp_path / "rt"
+    runtime_dir.mkdir(mode=0o700)
+    other = os.getppid()  # alive, and not this process
+    record = ProcessRecord("old", 2**22 + 1, 1, boot_id(), other, process_start_time(other) or 0)
+    write_record(str(runtime_dir), record)
+    config = tmp_path / "config.dev.toml"
+    write_config(config, f'[settings]\nruntime_dir = "{runtime_dir}"\n[proxy."/p"]\napp = "tests.plugin_apps:hello"\n')
+    app = DevProxyApp(environ={CONFIG_ENV: str(config), SECRET_ENV: SECRET})
+
+    async def start_and_close() -> None:
+        await app.start()
+        try:
+            assert app.supervisor is None and app.lock is not None and not app.lock.held
+        finally:
+            await app.close()
+
+    with caplog.at_level(logging.ERROR, logger="mint_proxy"):
+        asyncio.run(start_and_close())
+    [error] = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert (
+        f"cannot supervise {runtime_dir}: runtime dir {runtime_dir} is in use by the supervisor with pid {other}"
+        in error
+    )
+    assert error.endswith("routing only, trying again in 10s")

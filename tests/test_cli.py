@@ -614,3 +614,59 @@ def test_serve_log_format_json_prints_json_access_lines(tmp_path: Path) -> None:
     [line] = [line for line in lines if '"path":"/elsewhere"' in line]
     data = json.loads(line)
     assert (data["status"], data["plugin"], data["reason"]) == (404, "-", "not_found: no route matches this path")
+
+
+# --- status of a live supervisor, supervise and demo usage errors, serve on a busy port -----------------
+
+
+def test_status_of_a_running_supervisor_shows_how_long_each_plugin_has_been_in_its_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ages read as seconds under two minutes, minutes under two hours, then hours."""
+    from mint_proxy.plugins.runtime import write_state
+    from mint_proxy.plugins.spec import PluginState, PluginStatus
+
+    now = time.time()
+    plugins = {
+        slug: PluginStatus(slug, f"/{slug}", PluginState.READY, f"unix:{slug}.sock", pid=100 + n, since=now - age)
+        for n, (slug, age) in enumerate([("fresh", 30), ("minutes", 600), ("hours", 3 * 3600)])
+    }
+    plugins["never"] = PluginStatus("never", "/never", PluginState.STOPPED, "unix:never.sock", last_exit="exit 3")
+    write_state(str(tmp_path), plugins, pid=os.getpid(), started=now)
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tmp_path}: supervisor pid {os.getpid()} running"
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert rows["fresh"][4] == "30s" and rows["minutes"][4] == "10m" and rows["hours"][4] == "3.0h"
+    assert rows["never"][2:] == ["-", "0", "-", "exit", "3", "unix:never.sock"]
+
+
+def test_status_of_a_supervisor_without_plugins_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mint_proxy.plugins.runtime import write_state
+
+    write_state(str(tmp_path), {}, pid=os.getpid(), started=time.time(), stopped=time.time())
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("NOT running (the states below are its last word); no plugins")
+
+
+def test_supervise_with_a_broken_config_exits_2_naming_the_problem(
+    broken_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["supervise", str(broken_config)]) == 2
+    err = capsys.readouterr().err
+    assert BROKEN_MESSAGE in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("duration", ["0", "-1", "nan"])
+def test_demo_with_a_duration_that_is_not_positive_exits_2(duration: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--port", "0", "--duration", duration]) == 2
+    assert "--duration must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_exits_1(good_config: Path) -> None:
+    """uvicorn cannot bind, logs why and exits: ``serve`` returns its failure status instead of raising."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--config", str(good_config), "--port", str(port), "--log-level", "critical"]) == 1

@@ -1,6 +1,7 @@
 """The decision: shared only when nothing installed clashes, with every clash named in words."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -321,6 +322,7 @@ def test_overrides_file_as_the_seed_writes_it(tmp_path: Path) -> None:
         ({"plugins": {"forceShared": "a"}}, "key 'plugins.forceShared' must be a list"),
         ({"plugins": {"forceShared": ["Not A Slug"]}}, "plugin name 'Not A Slug' is not valid"),
         ([], "expected"),
+        ({"plugins": ["a"]}, "key 'plugins' must be an object"),
     ],
 )
 def test_invalid_overrides(tmp_path: Path, data: object, message: str) -> None:
@@ -330,6 +332,21 @@ def test_invalid_overrides(tmp_path: Path, data: object, message: str) -> None:
     with pytest.raises(OverridesError, match=str(path)) as caught:
         load_overrides(path)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(None, "cannot read: No such file or directory", id="missing"),
+        pytest.param('{"plugins": ', "not valid JSON: Expecting value", id="not-json"),
+    ],
+)
+def test_an_unreadable_overrides_file_is_an_error_naming_it(tmp_path: Path, text: str | None, message: str) -> None:
+    path = tmp_path / "overrides.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(OverridesError, match=f"^{re.escape(str(path))}: {message}"):
+        load_overrides(path)
 
 
 # --- bad input --------------------------------------------------------------------------------

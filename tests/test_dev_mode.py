@@ -231,8 +231,15 @@ def test_dev_mode_command_plugin_hot_reloads_while_the_proxy_runs(tmp_path: Path
         assert child.get("/dev/x").text == "v1"
         child.wait_for_stderr(r"dev \| .*(Uvicorn running|Started reloader)")
         proxy_pid, plugin_pid = child.proc.pid, pid_of(runtime_dir, "dev")
-        (code / "devplug.py").write_text(textwrap.dedent(DEV_PLUGIN).replace("VERSION", "v2"))
-        poll(lambda: child.get("/dev/x").text == "v2", DEADLINE, "the edit is served")
+        edited = textwrap.dedent(DEV_PLUGIN).replace("VERSION", "v2")
+
+        def edit_served() -> bool:
+            # uvicorn's reloader arms its file watcher only after it started the worker, so an edit made
+            # the moment the worker answers can go unseen: edit again until one is seen.
+            (code / "devplug.py").write_text(edited)
+            return child.get("/dev/x").text == "v2"
+
+        poll(edit_served, DEADLINE, "the edit is served")
         assert child.proc.pid == proxy_pid and child.running()
         assert pid_of(runtime_dir, "dev") == plugin_pid  # uvicorn's reloader restarted its worker, not us
     finally:

@@ -1,6 +1,8 @@
 """The one flow: install decides, provisions and writes the spec file; recheck follows platform changes."""
 
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -320,3 +322,21 @@ def test_concurrent_installs_keep_both_blocks(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(30)
     assert sorted(tomllib.loads(config.read_text())["shared"]) == sorted(f"/{slug}" for slug in slugs)
+
+
+def test_cli_without_the_isolation_extra_names_the_missing_package(tmp_path: Path) -> None:
+    """``mint-proxy plan`` where packaging is not installed: one line naming the extra to install."""
+    code = (  # a finder that knows no packaging, as in an environment without the extra
+        "import sys\n"
+        "class NotInstalled:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'packaging':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NotInstalled())\n"
+        "from mint_proxy.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    wheel = make_wheel(tmp_path, "peak", "1.0")
+    done = subprocess.run([sys.executable, "-c", code, "plan", str(wheel)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "mint-proxy: error: packaging is missing: pip install 'mint-proxy[isolation]'\n"

@@ -3,12 +3,20 @@
 import subprocess
 import sys
 
+import pytest
+
 import mint_proxy.isolation
 
 
 def test_all_is_sorted_and_resolves() -> None:
     assert mint_proxy.isolation.__all__ == sorted(mint_proxy.isolation.__all__)
     assert [name for name in mint_proxy.isolation.__all__ if getattr(mint_proxy.isolation, name, None) is None] == []
+
+
+def test_a_name_the_package_does_not_export_is_an_attribute_error() -> None:
+    """The lazy exports look up only their own names: a typo fails like it would on any module."""
+    with pytest.raises(AttributeError, match="module 'mint_proxy.isolation' has no attribute 'provison'"):
+        mint_proxy.isolation.provison  # noqa: B018
 
 
 def test_importing_the_package_and_the_cli_needs_no_extra() -> None:

@@ -1,5 +1,7 @@
 """Shared mode in-process: plugins under their prefixes, failures contained to one request."""
 
+import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -8,10 +10,13 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.sync.client import connect
 
 from mint_plugin import current_request
 from mint_proxy import verify_internal_token
-from mint_proxy.isolation import SharedPlugin, SharedPluginImportError, SharedPluginsMiddleware
+from mint_proxy.isolation import SharedPlugin, SharedPluginImportError, SharedPluginsMiddleware, _lifespan
+from mint_proxy.isolation._lifespan import PluginLifespan
 from mint_proxy.tokens import TokenIssuer
 
 from .utils import SECRET, serve
@@ -310,3 +315,106 @@ def test_in_process_calls_to_the_platform_see_its_lifespan_state() -> None:
         mint_plugin.client.serve_in_process(None)
     assert response.status_code == 200, response.text
     assert response.json() == {"pool": "platform-pool"}
+
+
+# -- WebSockets in shared mode ---------------------------------------------------------------------------------
+
+
+async def _websocket_plugin(scope: Any, receive: Any, send: Any) -> None:
+    """Accepts, answers the first message with what it was given (headers, context), or raises where asked."""
+    assert scope["type"] == "websocket"
+    if scope["path"].endswith("/raise-before-accept"):
+        raise RuntimeError("before accept")
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    message = await receive()
+    if message.get("text") == "raise":
+        raise RuntimeError("after accept")
+    headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+    context = current_request.get()
+    seen = {
+        "request_id": headers.get("x-request-id"),
+        "token": headers.get("x-mint-internal-token"),
+        "context_id": context.request_id if context else None,
+    }
+    await send({"type": "websocket.send", "text": json.dumps(seen)})
+    await send({"type": "websocket.close", "code": 1000})
+
+
+@pytest.fixture
+def ws_url() -> Iterator[str]:
+    app = SharedPluginsMiddleware(
+        _platform(),
+        plugins=[SharedPlugin("live", _websocket_plugin)],
+        tokens=TokenIssuer(SECRET),
+        mount_path="/api",
+        register_client=False,
+    )
+    with serve(app) as running:
+        yield "ws" + running.url.removeprefix("http")
+
+
+def test_a_websocket_reaches_its_shared_plugin_with_the_request_id_and_token(ws_url: str) -> None:
+    with connect(f"{ws_url}/api/live/feed", additional_headers={"X-Request-Id": "ws-1"}, open_timeout=10) as ws:
+        ws.send("hello")
+        seen = json.loads(ws.recv(timeout=10))
+    assert seen["request_id"] == seen["context_id"] == "ws-1"
+    assert verify_internal_token(seen["token"], SECRET, plugin="live").plugin == "live"
+
+
+def test_a_shared_plugin_raising_on_a_websocket_closes_it_1011_once_accepted(
+    ws_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6455 7.4.1: 1011 after the handshake; before it, the handshake is refused (403)."""
+    with caplog.at_level(logging.ERROR, logger="mint_proxy"):
+        with connect(f"{ws_url}/api/live/feed", open_timeout=10) as ws:
+            ws.send("raise")
+            with pytest.raises(ConnectionClosedError) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{ws_url}/api/live/raise-before-accept", open_timeout=10)
+        assert refused.value.response.status_code == 403
+    assert sum("plugin=live" in record.getMessage() for record in caplog.records) == 2
+
+
+# -- a shared plugin's shutdown -----------------------------------------------------------------------------------
+
+
+def _lifespan_app(on_shutdown: str) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        if on_shutdown == "fail":
+            await send({"type": "lifespan.shutdown.failed", "message": "cannot flush the queue"})
+        elif on_shutdown == "raise":
+            raise RuntimeError("flush crashed")
+        elif on_shutdown == "hang":
+            await asyncio.Event().wait()
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("on_shutdown", "logged"),
+    [
+        pytest.param("fail", "plugin=late: shutdown failed: cannot flush the queue", id="failed"),
+        pytest.param("raise", "plugin=late: shutdown failed: flush crashed", id="raised"),
+        pytest.param("hang", "plugin=late: shutdown did not finish within 0.05s", id="hung"),
+    ],
+)
+def test_a_shared_plugin_whose_shutdown_fails_is_logged_and_the_platform_stops_anyway(
+    on_shutdown: str, logged: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_lifespan, "SHUTDOWN_TIMEOUT", 0.05)
+    session = PluginLifespan("late", _lifespan_app(on_shutdown))
+
+    async def start_then_stop() -> None:
+        await session.start()
+        await session.stop()
+
+    with caplog.at_level(logging.ERROR, logger="mint_proxy"):
+        asyncio.run(start_then_stop())
+    assert not session.failed
+    assert [record.getMessage() for record in caplog.records] == [logged]

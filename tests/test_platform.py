@@ -1,6 +1,7 @@
 """The platform behind the proxy (``DevProxyApp(platform=...)``, ``serve --platform``): its
 lifespan runs inside the proxy's and shares the server's state; an app without lifespan works."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from websockets.sync.client import connect
 
 from mint_proxy import DevProxyApp
 from mint_proxy._platform import PlatformError, platform_app
@@ -71,3 +73,35 @@ def test_platform_without_lifespan_is_served_anyway(tmp_path: Path, plugin: Plug
 def test_a_bad_platform_target_is_a_clear_error(target: str, problem: str) -> None:
     with pytest.raises(PlatformError, match=problem):
         platform_app(target)
+
+
+def test_a_websocket_matching_no_route_reaches_a_url_platform_without_a_token(plugin: PluginServer) -> None:
+    """``--platform http://...`` forwards WebSockets too, through the same machinery as HTTP, and signs
+    nothing: the platform is not a plugin."""
+    with serve(platform_app(plugin.url), lifespan="on") as running:
+        with connect("ws" + running.url.removeprefix("http") + "/live/feed?x=1", open_timeout=10) as websocket:
+            websocket.send("hello")
+            assert websocket.recv(timeout=10) == "echo:hello"
+    [record] = plugin.app.seen
+    assert record["raw_path"] == "/live/feed"
+    assert "x-mint-internal-token" not in {name for name, _ in record["headers"]}
+
+
+def test_the_url_platform_answers_lifespan_and_ignores_other_scope_types(plugin: PluginServer) -> None:
+    """Served alone (its lifespan) it completes startup and shutdown; an unknown scope type is left alone."""
+    forward = platform_app(plugin.url)
+    sent: list[Any] = []
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> Any:
+        return incoming.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def call_twice() -> None:
+        await forward({"type": "lifespan"}, receive, send)
+        await forward({"type": "webtransport"}, receive, send)
+
+    asyncio.run(call_twice())
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
@@ -9,10 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
+from mint_plugin import RequestContext, current_request
+from mint_plugin.host import LOG_FORMAT, install_request_log_context, with_request_context
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
 from mint_proxy.plugins._launch import HOST_PATH
 
@@ -206,3 +210,64 @@ async def test_an_exception_in_a_route_is_logged_with_the_request_id() -> None:
             for line in lines.lines:
                 if "Exception in ASGI application" in line or '"GET /raise HTTP/1.1" 500' in line:
                     assert "[req=crash-77]" in line, line
+
+
+def test_host_that_cannot_listen_says_where_and_exits_3(socket_dir: str) -> None:
+    """A socket path in a directory that does not exist is a startup failure naming the path."""
+    path = os.path.join(socket_dir, "missing", "p.sock")
+    process = _run_host("--app", "tests.plugin_apps:hello", "--uds", path)
+    try:
+        assert process.wait(DEADLINE) == 3
+        assert process.stderr is not None and f"cannot listen on {path}".encode() in process.stderr.read()
+    finally:
+        _close(process)
+
+
+# -- the request context and log tags, in-process ------------------------------------------------------------
+
+
+def test_each_request_sees_its_own_id_and_token_and_lifespan_sees_none() -> None:
+    seen: list[tuple[str, RequestContext | None]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["type"], current_request.get()))
+
+    wrapped = with_request_context(app)
+
+    async def run(scope: dict[str, Any]) -> None:
+        await wrapped(scope, _no_receive, _no_send)
+
+    headers = [(b"x-request-id", b"rid-1"), (b"x-mint-internal-token", b"tok")]
+    asyncio.run(run({"type": "http", "headers": headers}))
+    asyncio.run(run({"type": "websocket", "headers": [(b"x-request-id", b"rid-2")]}))
+    asyncio.run(run({"type": "lifespan"}))
+    assert seen == [
+        ("http", RequestContext("rid-1", "tok")),
+        ("websocket", RequestContext("rid-2", None)),
+        ("lifespan", None),
+    ]
+
+
+def test_log_records_carry_the_request_id_only_inside_a_request() -> None:
+    previous = logging.getLogRecordFactory()
+    install_request_log_context()
+    try:
+        outside = logging.getLogRecordFactory()("x", logging.INFO, __file__, 1, "outside", None, None)
+        reset = current_request.set(RequestContext("rid-9"))
+        try:
+            inside = logging.getLogRecordFactory()("x", logging.INFO, __file__, 1, "inside", None, None)
+        finally:
+            current_request.reset(reset)
+    finally:
+        logging.setLogRecordFactory(previous)
+    assert (outside.__dict__["request_id"], outside.__dict__["request_tag"]) == ("", "")
+    assert (inside.__dict__["request_id"], inside.__dict__["request_tag"]) == ("rid-9", " [req=rid-9]")
+    assert logging.Formatter(LOG_FORMAT).format(inside) == "INFO [req=rid-9] x: inside"
+
+
+async def _no_receive() -> Any:
+    raise AssertionError("the app under test does not receive")
+
+
+async def _no_send(message: Any) -> None:
+    raise AssertionError("the app under test does not send")

@@ -14,13 +14,14 @@ import httpx
 import pytest
 
 from mint_proxy import ProxyMiddleware, RouteTable, TokenIssuer
-from mint_proxy.plugins._election import LOCK_FILE, SupervisorLock, supervised
+from mint_proxy.plugins._election import LOCK_FILE, SupervisorLock
 from mint_proxy.plugins._secret import SECRET_FILE, SecretFileError, shared_secret
 from mint_proxy.plugins._views import status_document
 from mint_proxy.plugins._watch import DOWN_RETRY_AFTER, StateWatcher, expected_back, plugin_unavailable
 from mint_proxy.plugins.runtime import write_state
 from mint_proxy.plugins.spec import PluginState, PluginStatus
 
+from .supervised import supervised
 from .utils import SECRET
 
 
@@ -168,6 +169,15 @@ def test_a_symlinked_secret_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").write_text("x" * 64)
     os.symlink(tmp_path / "elsewhere", tmp_path / SECRET_FILE)
     with pytest.raises(SecretFileError, match="cannot read"):
+        shared_secret(str(tmp_path))
+
+
+def test_a_secret_file_too_short_to_sign_with_is_refused(tmp_path: Path) -> None:
+    """A truncated or hand-written short file is never used as the signing secret."""
+    path = tmp_path / SECRET_FILE
+    path.write_text("short\n")
+    path.chmod(0o600)
+    with pytest.raises(SecretFileError, match="the shared secret is too short; delete the file"):
         shared_secret(str(tmp_path))
 
 

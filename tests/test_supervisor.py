@@ -329,6 +329,23 @@ async def test_supervisor_refuses_a_runtime_dir_whose_supervisor_lives(runtime_d
         _kill(process)
 
 
+def test_before_start_a_plugin_can_be_added_but_not_started() -> None:
+    """Adding before ``start()`` only records the spec (STOPPED); starting one asks for ``start()`` first."""
+    supervisor = PluginSupervisor([], runtime_dir="/nonexistent")
+    status = asyncio.run(supervisor.add(PluginSpec("later", app="x:y", restart=FAST)))
+    assert (status.slug, status.state, status.pid) == ("later", PluginState.STOPPED, None)
+    with pytest.raises(RuntimeError, match=r"not started: call start\(\) first"):
+        asyncio.run(supervisor.start_plugin("later"))
+
+
+def test_a_duplicate_slug_or_a_non_spec_is_refused() -> None:
+    supervisor = PluginSupervisor([PluginSpec("known", app="x:y", restart=FAST)], runtime_dir="/nonexistent")
+    with pytest.raises(ValueError, match="plugin 'known' is already supervised"):
+        asyncio.run(supervisor.add(PluginSpec("known", app="other:app", restart=FAST)))
+    with pytest.raises(TypeError, match="expected a PluginSpec, got dict"):
+        asyncio.run(supervisor.add({"slug": "x"}))  # type: ignore[arg-type]
+
+
 def test_a_spec_with_an_unknown_slug_is_a_key_error() -> None:
     """Operations on a plugin the supervisor does not know name it."""
     supervisor = PluginSupervisor([PluginSpec("known", app="x:y", restart=FAST)], runtime_dir="/nonexistent")

@@ -1,6 +1,8 @@
 """PluginStatusApp: the read-only JSON status view, from state.json and from a live supervisor."""
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -137,3 +139,9 @@ def test_supervisor_running_is_safe_against_pid_reuse() -> None:
     assert supervisor_running(SupervisorState(os.getpid(), time.time(), {}))
     assert not supervisor_running(SupervisorState(os.getpid(), 1.0, {}))  # "started" in 1970
     assert not supervisor_running(SupervisorState(os.getpid(), time.time(), {}, stopped=time.time()))
+
+
+def test_a_supervisor_killed_before_it_could_write_stopped_is_not_running() -> None:
+    """SIGKILL leaves ``stopped`` unset: the pid being gone is what tells."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert not supervisor_running(SupervisorState(int(gone.stdout), time.time(), {}))

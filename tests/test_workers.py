@@ -18,12 +18,13 @@ import pytest
 
 from mint_proxy import verify_internal_token
 from mint_proxy.devconfig import CONFIG_ENV, RUNTIME_DIR_ENV
-from mint_proxy.plugins._election import LOCK_FILE, supervised
+from mint_proxy.plugins._election import LOCK_FILE
 from mint_proxy.plugins._secret import SECRET_FILE
 from mint_proxy.plugins.spec import PluginState, PluginStatus
 
 from .backends import header_values
 from .conftest import PluginServer
+from .supervised import supervised
 from .test_app import Uvicorn, child_env, poll, write_config
 from .utils import read_head
 

@@ -175,8 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:  # like `uvicorn`: Ctrl-C is a normal way to stop
         pass
-    except SystemExit as exc:  # uvicorn exits when binding or the app's startup fails, after logging why
-        return exc.code if isinstance(exc.code, int) and exc.code else EXIT_FAILURE
+    except SystemExit:  # uvicorn exits (status 3) when binding or the app's startup fails, after logging why
+        return EXIT_FAILURE
     return EXIT_OK if server.started else EXIT_FAILURE
 
 

@@ -4,7 +4,7 @@
 """
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,3 @@ def load_overrides(path: str | Path) -> Overrides:
     except json.JSONDecodeError as exc:
         raise OverridesError("", f"{path}: not valid JSON: {exc}") from None
     return Overrides.from_json(data, source=str(path))
-
-
-def merge(overrides: Iterable[Overrides]) -> Overrides:
-    isolated: set[str] = set()
-    shared: set[str] = set()
-    for item in overrides:
-        isolated |= item.force_isolated
-        shared |= item.force_shared
-    return Overrides(frozenset(isolated), frozenset(shared))

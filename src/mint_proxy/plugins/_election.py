@@ -60,18 +60,3 @@ class SupervisorLock:
         except OSError:
             return None
         return int(text) if text.isdigit() else None
-
-
-def supervised(runtime_dir: str) -> bool:
-    """True if some process holds ``runtime_dir``'s supervisor lock right now (a brief shared-lock probe)."""
-    try:
-        fd = os.open(os.path.join(runtime_dir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
