@@ -23,6 +23,7 @@ from mint_proxy._http11 import (
     ResponseHead,
     UntilCloseReader,
     _known_field_lines,
+    _known_framing_lines,
     _known_status_lines,
     _read_framing,
     body_reader,
@@ -196,6 +197,7 @@ def test_a_head_parses_the_same_whatever_heads_came_before(block: bytes, earlier
     """Lines remembered from earlier heads are a shortcut, never another rule: the same head, or the same refusal."""
     _known_status_lines.clear()
     _known_field_lines.clear()
+    _known_framing_lines.clear()
     first = _outcome(block)
     for other in earlier:
         _outcome(other)
@@ -208,10 +210,11 @@ def test_a_head_parses_the_same_whatever_heads_came_before(block: bytes, earlier
 def test_remembered_lines_stay_few_and_short() -> None:
     """A plugin sending ever new header lines cannot grow the parser's memory of them without bound."""
     for number in range(3000):
-        parse(b"HTTP/1.1 200 OK\r\nX-A: %d\r\nX-Long: %s" % (number, b"a" * 300))
+        parse(b"HTTP/1.1 200 OK\r\nX-A: %d\r\nContent-Length: %d\r\nX-Long: %s" % (number, number, b"a" * 300))
 
-    assert 0 < len(_known_field_lines) <= 256
-    assert all(len(line) <= 256 for line in _known_field_lines)
+    for known in (_known_field_lines, _known_framing_lines):
+        assert 0 < len(known) <= 256
+        assert all(len(line) <= 256 for line in known)
 
 
 # --- parse_response_head: framing --------------------------------------------------------------

@@ -62,9 +62,12 @@ class ResponseHead:
 # head line for line: the status line, Server, Content-Type, and Date for a whole second; only
 # Content-Length (and the odd ETag or Set-Cookie) varies per response. A dict lookup costs a
 # fraction of checking a line anew. Filled only with lines the rules accepted, and only short
-# ones; emptied when full, so they stay small whatever a plugin sends.
+# ones; emptied when full, so they stay small whatever a plugin sends. Framing field lines
+# (Content-Length, Transfer-Encoding, Connection) are kept apart: a line found among the
+# others needs no framing check.
 _known_status_lines: dict[bytes, tuple[bool, int]] = {}
 _known_field_lines: dict[bytes, tuple[bytes, bytes]] = {}
+_known_framing_lines: dict[bytes, tuple[bytes, bytes]] = {}
 _MAX_KNOWN_LINES = 256
 _MAX_KNOWN_LINE_BYTES = 256
 
@@ -77,10 +80,12 @@ def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
     headers = []
     framing_fields = []
     for line in lines[1:]:
-        field = known.get(line) or _field_line(line)
+        field = known.get(line)
+        if field is None:
+            field = _known_framing_lines.get(line) or _field_line(line)
+            if field[0] in _FRAMING:
+                framing_fields.append(field)
         headers.append(field)
-        if field[0] in _FRAMING:
-            framing_fields.append(field)
 
     encodings: Sequence[bytes] = ()
     content_length, keep_alive = None, not http10
@@ -130,9 +135,10 @@ def _field_line(line: bytes) -> tuple[bytes, bytes]:
     name, _, value = line.partition(b":")
     field = name.lower(), value.strip(b" \t")
     if len(line) <= _MAX_KNOWN_LINE_BYTES:
-        if len(_known_field_lines) >= _MAX_KNOWN_LINES:
-            _known_field_lines.clear()
-        _known_field_lines[line] = field
+        known = _known_framing_lines if field[0] in _FRAMING else _known_field_lines
+        if len(known) >= _MAX_KNOWN_LINES:
+            known.clear()
+        known[line] = field
     return field
 
 
