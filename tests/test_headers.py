@@ -641,20 +641,33 @@ _RESPONSE_NAMES = [
 ]  # fmt: skip
 
 
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(_RESPONSE_NAMES),
-            st.sampled_from([b"1", b"x-foo", b"close, etag", b"/moved", b"http://127.0.0.1:8005/x"]),
-        ),
-        max_size=8,
-    )
+_response_fields = st.lists(
+    st.tuples(
+        st.sampled_from(_RESPONSE_NAMES),
+        st.sampled_from([b"1", b"x-foo", b"close, etag", b"/moved", b"http://127.0.0.1:8005/x"]),
+    ),
+    max_size=8,
 )
-def test_response_filter_one_pass_agrees_with_the_full_rules(raw: Headers) -> None:
-    """The common-case single pass of ``filter_response`` is an optimisation, never a different rule."""
+
+
+@given(raw=_response_fields, earlier=st.lists(_response_fields, max_size=3))
+def test_response_filter_one_pass_agrees_with_the_full_rules(raw: Headers, earlier: list[Headers]) -> None:
+    """The single pass of ``filter_response``, and the names it remembers from earlier responses, are an
+    optimisation, never a different rule."""
     options: dict[str, Any] = {"request_id": OUR_ID, "route": ROUTE, "client_prefix": ""}
+    headers._plain_response_names.clear()
+    for other in earlier:
+        filter_response(other, **options)
 
     assert filter_response(raw, **options) == _filter_response_fully(raw, **options)
+
+
+def test_remembered_response_names_stay_few() -> None:
+    """A plugin sending ever new header names cannot grow the filter's memory of them without bound."""
+    for number in range(3000):
+        filter_([(b"x-a%d" % number, b"1")])
+
+    assert 0 < len(headers._plain_response_names) <= 256
 
 
 # --- rewrite_location --------------------------------------------------------------------------

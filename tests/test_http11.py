@@ -4,6 +4,7 @@ The reader tests deliver each response in pieces, split every way the network mi
 as ``_upstream.Connection`` hands its reads over; ``tests/test_upstream.py`` tests the connection.
 """
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,9 @@ from mint_proxy._http11 import (
     ContentLengthReader,
     ResponseHead,
     UntilCloseReader,
+    _known_field_lines,
+    _known_framing_lines,
+    _known_status_lines,
     _read_framing,
     body_reader,
     parse_chunk_size,
@@ -157,6 +161,60 @@ def test_valid_header_line_is_parsed(line: bytes, header: tuple[bytes, bytes]) -
 def test_invalid_header_line_is_an_error(lines: bytes) -> None:
     with pytest.raises(ValueError, match="header line"):
         parse(b"HTTP/1.1 200 OK\r\n" + lines)
+
+
+# A response head as RFC 9112 §5 and §4 write it, in one expression: the rules the parser must keep.
+_HEAD_GRAMMAR = re.compile(
+    rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*)?"
+    rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*"
+)
+_line_bytes = st.text(alphabet="aZ09-_.:;/ \t\r\n\x00\x7f\xe9", max_size=10).map(lambda text: text.encode("latin-1"))
+_status_lines = st.sampled_from(
+    [b"HTTP/1.1 200 OK", b"HTTP/1.0 204", b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 099 X", b"HTTP/1.1 200 O\x00K"]
+) | _line_bytes.map(lambda tail: b"HTTP/1.1 200" + tail)
+_field_lines = (
+    st.sampled_from(
+        [b"Content-Length: 13", b"content-length:7", b"Connection: close", b"Transfer-Encoding: chunked", b"X-A: \t1 "]
+    )
+    | _line_bytes
+    | _line_bytes.map(lambda value: b"X-A:" + value)
+)
+_heads = st.builds(
+    lambda status, fields: b"\r\n".join([status, *fields]), _status_lines, st.lists(_field_lines, max_size=4)
+)
+
+
+def _outcome(block: bytes) -> ResponseHead | str:
+    try:
+        return parse(block)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@settings(max_examples=500, deadline=None)
+@given(block=_heads, earlier=st.lists(_heads, max_size=4))
+def test_a_head_parses_the_same_whatever_heads_came_before(block: bytes, earlier: list[bytes]) -> None:
+    """Lines remembered from earlier heads are a shortcut, never another rule: the same head, or the same refusal."""
+    _known_status_lines.clear()
+    _known_field_lines.clear()
+    _known_framing_lines.clear()
+    first = _outcome(block)
+    for other in earlier:
+        _outcome(other)
+
+    assert _outcome(block) == first
+    refused_a_line = isinstance(first, str) and first.endswith(("status line", "header line"))
+    assert refused_a_line == (_HEAD_GRAMMAR.fullmatch(block) is None)
+
+
+def test_remembered_lines_stay_few_and_short() -> None:
+    """A plugin sending ever new header lines cannot grow the parser's memory of them without bound."""
+    for number in range(3000):
+        parse(b"HTTP/1.1 200 OK\r\nX-A: %d\r\nContent-Length: %d\r\nX-Long: %s" % (number, number, b"a" * 300))
+
+    for known in (_known_field_lines, _known_framing_lines):
+        assert 0 < len(known) <= 256
+        assert all(len(line) <= 256 for line in known)
 
 
 # --- parse_response_head: framing --------------------------------------------------------------

@@ -28,20 +28,14 @@ MAX_CHUNK_LINE = 1024
 MAX_TRAILER_BYTES = 16 * 1024  # all trailer fields of one response together
 
 # Status codes are 100-599 (RFC 9110 §15: anything else is invalid, "process as 5xx": a 502 here).
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
-# The whole head in one pass: status line, then field lines (RFC 9112 §5). A field
-# value is VCHAR, SP, HTAB or obs-text only: no CR, LF, NUL or other controls, and a
-# line starting with whitespace (obs-fold, §5.2) cannot match a field name. The
-# quantifiers are possessive (*+, ++): no class contains the byte that follows it (":"
-# after a name, CR after a value), so backtracking could never help, and the engine
-# skips saving the state for it (about 20% faster; same language).
-_HEAD = re.compile(
-    rb"HTTP/1\.[01] [1-5][0-9]{2}(?: [\t\x20-\x7e\x80-\xff]*+)?"
-    rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\t\x20-\x7e\x80-\xff]*+)*+"
-)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*+)?")
+# A field line (RFC 9112 §5): a field value is VCHAR, SP, HTAB or obs-text only: no CR, LF,
+# NUL or other controls, and a line starting with whitespace (obs-fold, §5.2) cannot match a
+# field name. The quantifiers are possessive (*+, ++): no class contains the byte that follows
+# it (":" after a name, end after a value), so backtracking could never help, and the engine
+# skips saving the state for it (same language).
+_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\t\x20-\x7e\x80-\xff]*+")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-# The status code's three digits, once _HEAD has matched them (a lookup is cheaper than int()).
-_STATUS_CODES = {b"%d" % code: code for code in range(100, 600)}
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
@@ -64,21 +58,34 @@ class ResponseHead:
     keep_alive: bool
 
 
+# Lines of heads already accepted, and what they parsed to. A plugin's responses repeat their
+# head line for line: the status line, Server, Content-Type, and Date for a whole second; only
+# Content-Length (and the odd ETag or Set-Cookie) varies per response. A dict lookup costs a
+# fraction of checking a line anew. Filled only with lines the rules accepted, and only short
+# ones; emptied when full, so they stay small whatever a plugin sends. Framing field lines
+# (Content-Length, Transfer-Encoding, Connection) are kept apart: a line found among the
+# others needs no framing check.
+_known_status_lines: dict[bytes, tuple[bool, int]] = {}
+_known_field_lines: dict[bytes, tuple[bytes, bytes]] = {}
+_known_framing_lines: dict[bytes, tuple[bytes, bytes]] = {}
+_MAX_KNOWN_LINES = 256
+_MAX_KNOWN_LINE_BYTES = 256
+
+
 def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
     """Parse a head (without its final CRLF CRLF); raise ``ValueError`` on anything off."""
-    if _HEAD.fullmatch(block) is None:
-        if _STATUS_LINE.fullmatch(block.split(b"\r\n", 1)[0]) is None:
-            raise ValueError("invalid status line")
-        raise ValueError("invalid header line")
-    http10, status = block[7] == 0x30, _STATUS_CODES[block[9:12]]
+    lines = block.split(b"\r\n")
+    http10, status = _known_status_lines.get(lines[0]) or _status_line(lines[0])
+    known = _known_field_lines
     headers = []
     framing_fields = []
-    for line in block.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        field = (name.lower(), value.strip(b" \t"))
+    for line in lines[1:]:
+        field = known.get(line)
+        if field is None:
+            field = _known_framing_lines.get(line) or _field_line(line)
+            if field[0] in _FRAMING:
+                framing_fields.append(field)
         headers.append(field)
-        if field[0] in _FRAMING:
-            framing_fields.append(field)
 
     encodings: Sequence[bytes] = ()
     content_length, keep_alive = None, not http10
@@ -106,6 +113,33 @@ def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
         framing = UNTIL_CLOSE
         keep_alive = False
     return ResponseHead(status, headers, framing, content_length, keep_alive)
+
+
+def _status_line(line: bytes) -> tuple[bool, int]:
+    """Whether a status line is HTTP/1.0, and its status code; ``ValueError`` if it is not one."""
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise ValueError("invalid status line")
+    parsed = match[1] == b"0", int(match[2])
+    if len(line) <= _MAX_KNOWN_LINE_BYTES:
+        if len(_known_status_lines) >= _MAX_KNOWN_LINES:
+            _known_status_lines.clear()
+        _known_status_lines[line] = parsed
+    return parsed
+
+
+def _field_line(line: bytes) -> tuple[bytes, bytes]:
+    """A field line as ``(lowercase name, value without surrounding whitespace)``; ``ValueError`` if it is not one."""
+    if _FIELD_LINE.fullmatch(line) is None:
+        raise ValueError("invalid header line")
+    name, _, value = line.partition(b":")
+    field = name.lower(), value.strip(b" \t")
+    if len(line) <= _MAX_KNOWN_LINE_BYTES:
+        known = _known_framing_lines if field[0] in _FRAMING else _known_field_lines
+        if len(known) >= _MAX_KNOWN_LINES:
+            known.clear()
+        known[line] = field
+    return field
 
 
 def _read_framing(fields: list[tuple[bytes, bytes]], http10: bool) -> tuple[int | None, list[bytes], bool]:
