@@ -177,6 +177,20 @@ def test_header_values_in_the_line_are_escaped(start_proxy: Any, capture: Callab
         assert "\x1b" not in line
 
 
+def test_an_access_log_enabled_at_runtime_gets_the_next_request(
+    start_proxy: Any, plugin: PluginServer, capture: Callable[[str], Lines]
+) -> None:
+    """The proxy remembers that the log is off only until a level changes: the next request after
+    ``enable_access_log`` is logged, though the one before was not."""
+    proxy = start_proxy({"/peak": plugin.url})
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
+    assert httpx.get(proxy.url + "/peak/before", timeout=10).status_code == 200
+    lines = capture("text")
+    assert httpx.get(proxy.url + "/peak/after", timeout=10).status_code == 200
+    [line] = lines.wait(1)
+    assert "/peak/after" in line
+
+
 # -- the JSON format, every field ---------------------------------------------------------------------------
 
 

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 ACCESS_LOGGER = "mint_proxy.access"
 LOG_FORMATS = ("text", "json")
 access_logger = logging.getLogger(ACCESS_LOGGER)
+# ``access_logger.isEnabledFor``'s own answers by level: the dict ``logging`` fills on each first
+# question and empties whenever any level changes (``setLevel``, ``logging.disable``). Looking a
+# level up here is one C call, not a Python one, on a path that runs once per request: ``True``
+# or a missing answer means ask ``isEnabledFor`` (which still says no for a disabled logger).
+access_log_answers: dict[int, bool] = access_logger._cache  # type: ignore[attr-defined]
 
 
 def _exchange_of(record: logging.LogRecord) -> Exchange | None:
