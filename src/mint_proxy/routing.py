@@ -299,12 +299,12 @@ class RouteTable:
         routes, depth, longest = self._lookup
         # The end of the path's first `depth` segments: no prefix has more. (find is memchr:
         # one pass over those segments, never over the rest of the path.)
-        end = 0
-        for _ in range(depth):
+        end = path.find("/", 1)
+        while depth > 1 and end >= 0:  # (no range(): the usual table has depth 1 or 2)
             end = path.find("/", end + 1)
-            if end < 0:
-                end = len(path)
-                break
+            depth -= 1
+        if end < 0:
+            end = len(path)
         if end > longest:  # no prefix is that long: start at the last boundary one could end at
             end = path.rfind("/", 0, longest + 1)
         while end > 0:
