@@ -350,3 +350,19 @@ def test_a_forged_websocket_path_refused_by_the_proxy_is_one_escaped_line(
     [line] = lines.wait(1)
     assert '"WEBSOCKET ' in line and " status=400 " in line
     assert "\r" not in line and "\x1b" not in line and line.count(" plugin=") == 1
+
+
+def test_a_plugins_own_502_is_logged_when_the_access_log_takes_warnings_only(
+    start_proxy: Any, plugin: PluginServer, capture: Callable[[str], Lines]
+) -> None:
+    """A plugin answering 502 or 504 is a WARNING line (``finish_http``): an access log set to
+    WARNING must get it, even with metrics off, though it drops the INFO lines."""
+    proxy = start_proxy({"/peak": plugin.url})
+    lines = capture("text")
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
+    assert httpx.get(proxy.url + "/peak/fine", timeout=10).status_code == 200
+    assert httpx.get(proxy.url + "/peak/bad?status=502", timeout=10).status_code == 502
+    [line] = lines.wait(1)
+    assert "WARNING" in line and "status=502" in line
+    time.sleep(0.2)
+    assert len(lines.all()) == 1  # the 200 stays out

@@ -390,7 +390,14 @@ class ProxyMiddleware:
         finally:
             if conn is not None and not released:
                 conn.abort()
-            if metrics is not None or failure is not None or access_log_answers.get(logging.INFO, True):
+            # (a plugin's own 502 or 504 is a WARNING line: logged even when INFO lines are not)
+            if (
+                metrics is not None
+                or failure is not None
+                or status == 502
+                or status == 504
+                or access_log_answers.get(logging.INFO, True)
+            ):
                 finish_http(
                     metrics, scope, route.plugin, request_id, status, started, received, sent, ttfb, failure, info
                 )
