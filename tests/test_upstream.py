@@ -706,6 +706,24 @@ async def test_client_watch_started_by_the_ticker_fails_a_slow_exchange_with_cli
 
 
 @pytest.mark.anyio
+async def test_a_client_that_left_before_the_proxy_saw_the_plugin_close_is_not_retried() -> None:
+    """The plugin closes a pooled connection before answering and, before the proxy's task runs
+    again, the client watch sees the client leave: the exchange fails as the client leaving, so
+    ``may_retry`` never sends the request again for nobody (the old ``client_gone`` check)."""
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await messages.put({"type": "http.disconnect"})
+    conn, _ = _conn_open()
+    conn.reused = True
+    conn.connection_lost(None)  # the plugin's close: the proxy's task is woken, not yet run
+    await watch_client(conn, messages.get)  # the client's departure, handled first
+
+    with pytest.raises(ProxyError) as failed:
+        await upstream_head(conn, 1)
+    assert isinstance(failed.value, ClientGone)
+    assert not may_retry(failed.value, "GET", reused=conn.reused, received_any=conn.received_any, whole=True)
+
+
+@pytest.mark.anyio
 @_conn_by_split
 @pytest.mark.parametrize(("value", "found"), [(b"tok-" + b"s" * 40, True), (b"other", False)], ids=["echoed", "absent"])
 async def test_the_requests_secret_is_noticed_in_the_response_head_however_it_arrives(

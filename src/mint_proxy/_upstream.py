@@ -361,10 +361,12 @@ class Connection(asyncio.Protocol):
     def abort(self, error: ProxyError | None = None) -> None:
         """Close now, discarding buffers: on errors, and when nobody wants the response any more.
 
-        ``error``: what the exchange fails with, unless it already failed.
+        ``error``: what the exchange fails with, unless it already failed otherwise than by the
+        plugin closing the connection (the client leaving wins over that: an exchange nobody
+        waits for is never sent again, whichever of the two the loop delivered first).
         """
         self._clean = False
-        if error is not None and self._error is None:
+        if error is not None and (self._error is None or type(self._error) is UpstreamUnavailable):
             self._error = error
             self._wake()
         if self._transport is not None and not self.closed:
