@@ -247,10 +247,7 @@ class ProxyMiddleware:
             await deny_websocket(self.metrics, scope, send, error, request_id, 0.0, plugin)
 
     def _forward(self, route: Route) -> Forward:
-        """The route's ``Forward``, built again only when the route changed.
-
-        (``_proxy_http`` looks in ``_forwards`` itself first and calls this only to build one: a call less.)
-        """
+        """The route's ``Forward``, built again only when the route changed."""
         forward = self._forwards.get(route.prefix)
         if forward is None or forward.route is not route:
             forward = self._forwards[route.prefix] = Forward(
@@ -287,9 +284,7 @@ class ProxyMiddleware:
                 method: str = scope["method"]
                 if method in REFUSED_METHODS:
                     raise MethodNotAllowed(f"{method} is not forwarded to plugins")
-                forward = self._forwards.get(route.prefix)
-                if forward is None or forward.route is not route:
-                    forward = self._forward(route)
+                forward = self._forward(route)
                 target = forward.target(scope)
                 limit, declared = route.max_body_bytes, info.content_length
 
