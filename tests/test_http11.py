@@ -524,7 +524,7 @@ def test_interim_responses_are_skipped(split: int) -> None:
 def test_interim_heads_read_are_done_with_while_the_final_head_is_incomplete() -> None:
     data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Le"
 
-    assert read_head(data, head_request=False) == (None, len(b"HTTP/1.1 100 Continue\r\n\r\n"))
+    assert read_head(data, 0, head_request=False) == (None, len(b"HTTP/1.1 100 Continue\r\n\r\n"))
 
 
 @by_split
@@ -551,7 +551,7 @@ def test_head_of_exactly_the_limit_is_read() -> None:
     block = b"HTTP/1.1 204 No Content\r\nX-Pad: "
     block += b"a" * (MAX_HEAD_BYTES - len(block))
 
-    head, start = read_head(block + b"\r\n\r\n", head_request=False)
+    head, start = read_head(block + b"\r\n\r\n", 0, head_request=False)
 
     assert head is not None and head.status == 204
     assert start == MAX_HEAD_BYTES + 4

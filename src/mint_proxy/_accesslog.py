@@ -148,7 +148,7 @@ def finish_http(
         metrics.finished += 1
         metrics.observe_http(plugin, scope["method"], status, duration, ttfb, error)
     level = logging.WARNING if aborted or status == 502 or status == 504 else logging.INFO
-    if access_logger.isEnabledFor(level):
+    if access_log_answers.get(level, True) and access_logger.isEnabledFor(level):
         exchange = Exchange(scope, plugin, request_id, status, duration, bytes_in=bytes_in, bytes_out=bytes_out)
         exchange.ttfb, exchange.reason, exchange.error, exchange.aborted = ttfb, reason, error, aborted
         exchange.trace_id = info.trace_id if info is not None else None

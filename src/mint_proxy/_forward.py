@@ -43,6 +43,8 @@ _PATH_TABLE = _keep_only(bytes(b for b in range(0x21, 0x7F) if b not in b"#?"))
 _QUERY_TABLE = _keep_only(bytes(range(0x21, 0x7F)))
 # ``forwarded_fields``'s X-Forwarded-Proto for the ASGI schemes, as a field line.
 _PROTO_LINES = {scheme: b"%s: %s\r\n" % field for scheme, field in _PROTO_FIELDS.items()}
+# A field as ``name: value`` (each pair joined in C: faster than formatting a line per field).
+_NAME_VALUE = b": ".join
 
 
 class Via:
@@ -146,7 +148,8 @@ class Forward:
         host = info.host
         proto = _PROTO_LINES.get(scope.get("scheme", "http"))
         after_host = self._lines_after_host.get(scope.get("http_version", "1.1"))
-        if client is None or host is None or proto is None or after_host is None:
+        headers = info.headers
+        if client is None or host is None or proto is None or after_host is None or not headers:
             # Any other request: the list, serialised (its lines differ in which fields there are).
             added = self.fields(scope, info)
             return field_lines(info.headers + added if host is not None else info.headers + added + [self.host_field])
@@ -154,8 +157,8 @@ class Forward:
             token = self._tokens.token_for(self.route.plugin)
             if token is not self._token:
                 self._take(token)
-        return b"%sx-forwarded-for: %s\r\n%sx-forwarded-host: %s\r\n%sx-request-id: %s\r\n%s" % (
-            b"".join([b"%s: %s\r\n" % field for field in info.headers]),
+        return b"%s\r\nx-forwarded-for: %s\r\n%sx-forwarded-host: %s\r\n%sx-request-id: %s\r\n%s" % (
+            b"\r\n".join(map(_NAME_VALUE, headers)),  # (CRLF between the lines here, after the last above)
             client[0].encode("latin-1"),
             proto,
             host,

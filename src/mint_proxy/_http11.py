@@ -8,7 +8,7 @@ request (see docs/performance.md).
 
 Reading a response, as ``_upstream.Connection`` does with the bytes the socket gives it:
 
-* ``read_head(data, searched, head_request=...)`` finds and parses the final head at the
+* ``read_head(data, searched, head_request)`` finds and parses the final head at the
   start of ``data``, skipping interim (1xx) heads; ``None`` while the head is incomplete.
 * ``body_reader(head)`` gives the reader for its body, one per exchange, like h11's
   ``_readers.py``: ``reader(data)`` returns ``(body, rest)``, the body bytes ``data`` held and
@@ -72,7 +72,7 @@ _MAX_KNOWN_LINES = 256
 _MAX_KNOWN_LINE_BYTES = 256
 
 
-def parse_response_head(block: bytes, *, head_request: bool) -> ResponseHead:
+def parse_response_head(block: bytes, head_request: bool) -> ResponseHead:
     """Parse a head (without its final CRLF CRLF); raise ``ValueError`` on anything off."""
     lines = block.split(b"\r\n")
     http10, status = _known_status_lines.get(lines[0]) or _status_line(lines[0])
@@ -181,7 +181,7 @@ def parse_chunk_size(line: bytes) -> int:
     return int(match.group(1), 16)
 
 
-def read_head(data: bytes, searched: int = 0, *, head_request: bool) -> tuple[ResponseHead | None, int]:
+def read_head(data: bytes, searched: int, head_request: bool) -> tuple[ResponseHead | None, int]:
     """Read the final response head at the start of ``data``: ``(head, where its body starts)``.
 
     Interim (1xx) heads before it are skipped (they are not forwarded). While the final head
@@ -199,7 +199,7 @@ def read_head(data: bytes, searched: int = 0, *, head_request: bool) -> tuple[Re
             if len(data) - start > MAX_HEAD_BYTES:
                 raise ValueError("response head too large")
             return None, start
-        head = parse_response_head(data[start:end], head_request=head_request)
+        head = parse_response_head(data[start:end], head_request)
         start = searched = end + 4
         if head.status >= 200:
             return head, start

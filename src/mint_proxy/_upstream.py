@@ -164,7 +164,7 @@ class Connection(asyncio.Protocol):
         if buf:
             data = buf + data
         try:
-            head, start = read_head(data, max(len(buf) - 3, 0), head_request=self._head_request)
+            head, start = read_head(data, max(len(buf) - 3, 0) if buf else 0, self._head_request)
         except ValueError as exc:
             return self._fail(f"the plugin sent an invalid response ({exc})")
         if self._secret and data.find(self._secret, 0, start) >= 0:
@@ -219,7 +219,7 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange, as the proxy's task sees it --------------------------
 
-    def begin(self, request: bytes, *, complete: bool, head_request: bool, secret: bytes = b"") -> None:
+    def begin(self, request: bytes, complete: bool, head_request: bool, secret: bytes = b"") -> None:
         """Start a new exchange on this connection: send ``request``, its head and the body there is.
 
         ``complete``: ``request`` is the whole request; else the rest of the body follows with

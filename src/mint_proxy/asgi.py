@@ -279,7 +279,7 @@ class ProxyMiddleware:
             try:
                 # 1. Refuse what must not be forwarded.
                 http_version: str = scope.get("http_version", "1.1")
-                info = inspect_request(scope["headers"], http_version=http_version, via_marker=self._via.marker)
+                info = inspect_request(scope["headers"], http_version, self._via.marker)
                 request_id = info.request_id
                 method: str = scope["method"]
                 if method in REFUSED_METHODS:
@@ -319,7 +319,7 @@ class ProxyMiddleware:
                             route.upstream, connect_timeout=route.connect_timeout, retry_window=self.retry_window
                         )
                     try:
-                        conn.begin(request, complete=whole, head_request=method == "HEAD", secret=secret)
+                        conn.begin(request, whole, method == "HEAD", secret)  # (complete, head_request, secret)
                         while more and conn.head is None:  # (an early answer stops the upload)
                             message = await self._receive_body(receive)
                             if message["type"] != "http.request":
@@ -448,7 +448,7 @@ def _request_bytes(
     elif info.content_length is not None or body:
         length = len(body) if info.content_length is None else info.content_length
         lines += b"content-length: %d\r\n" % length
-    return b"%s %s HTTP/1.1\r\n%s\r\n%s" % (method.encode("ascii"), target, lines, body), chunked
+    return b"".join((method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n", lines, b"\r\n", body)), chunked
 
 
 def _body_pieces(chunk: bytes, more: bool, chunked: bool) -> list[bytes]:

@@ -184,7 +184,7 @@ class RequestInfo:
     trace_id: bytes | None = None  # from a valid ``traceparent``
 
 
-def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_marker: bytes) -> RequestInfo:
+def inspect_request(raw: list[tuple[bytes, bytes]], http_version: str, via_marker: bytes) -> RequestInfo:
     """Validate and filter a request's headers; raise ``BadRequest`` or ``LoopDetected``.
 
     The checks that look at every byte run once over all names and all values
@@ -214,11 +214,13 @@ def inspect_request(raw: list[tuple[bytes, bytes]], *, http_version: str, via_ma
     # The common request: plain names and one Host, nothing to drop (what ``_inspect_fully`` would
     # decide for it, in fewer steps; a property test in tests/test_headers.py holds the two together).
     host = value_list[name_list.index(b"host")]
-    _check_host(host)
+    if host not in _valid_hosts:
+        _check_host(host)
+    kept = raw if type(raw) is list else list(raw)  # (nothing is dropped: the list itself, never changed)
     if names.find(TRACEPARENT_HEADER) < 0:
-        return RequestInfo(list(raw), new_request_id(), host, None, False)
+        return RequestInfo(kept, new_request_id(), host, None, False)
     trace = trace_id(raw)
-    return RequestInfo(list(raw), trace or new_request_id(), host, None, False, trace)
+    return RequestInfo(kept, trace or new_request_id(), host, None, False, trace)
 
 
 def _inspect_fully(
