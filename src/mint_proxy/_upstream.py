@@ -183,7 +183,11 @@ class Connection(asyncio.Protocol):
                 body = data[start:]
                 self._chunks.append(body)
                 self._buffered += len(body)
-            self._wake()
+            waiter = self._waiter  # (``_wake``, inline: this runs once per exchange)
+            if waiter is not None:
+                self._waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
             return
         self._reader = body_reader(head)
         self._expect = _BODY

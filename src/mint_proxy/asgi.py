@@ -466,7 +466,7 @@ def _response_headers(
     fields = head.headers
     if conn.secret_in_head:
         fields = _drop_secret(fields, secret, route)
-    headers = filter_response(fields, request_id=request_id, route=route, client_prefix=client_prefix)
+    headers = filter_response(fields, request_id, route, client_prefix)
     if head.content_length is not None:
         headers.append((b"content-length", b"%d" % head.content_length))
     return headers

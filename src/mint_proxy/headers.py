@@ -361,7 +361,7 @@ def via_value(http_version: str, pseudonym: bytes) -> bytes:
 
 
 def filter_response(
-    raw: list[tuple[bytes, bytes]], *, request_id: bytes, route: Route, client_prefix: str
+    raw: list[tuple[bytes, bytes]], request_id: bytes, route: Route, client_prefix: str
 ) -> list[tuple[bytes, bytes]]:
     """Remove hop-by-hop, framing and internal headers; set the request id; map ``Location``."""
     # The usual response needs one pass: drop the fixed set, keep the rest as is. A
