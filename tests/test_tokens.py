@@ -147,6 +147,24 @@ def test_token_is_reminted_once_half_the_ttl_has_passed() -> None:
     assert issuer.token_for("billing") == second
 
 
+def test_token_window_is_where_token_for_keeps_answering_the_same_token() -> None:
+    """A caller that keeps the token until ``clock()`` leaves the window sends what ``token_for`` would."""
+    clock = FakeClock(1_700_000_000.5)
+    issuer = TokenIssuer(SECRET, ttl=900.0, clock=clock)
+
+    token, start, until = issuer.token_window("billing")
+
+    assert issuer.clock is clock
+    assert (start, until) == (1_700_000_000.0, 1_700_000_450.0)
+    for now in (start, until - 0.001):
+        clock.now = now
+        assert issuer.token_for("billing") == token
+    clock.now = until
+    assert issuer.token_for("billing") != token
+    clock.now = start - 0.001  # stepped back before its iat
+    assert issuer.token_window("billing")[0] != token
+
+
 def test_a_clock_that_steps_back_gets_a_fresh_token_not_one_from_its_future() -> None:
     """A VM resumed or an NTP step: a verifier on the same clock would refuse the cached token (iat ahead)."""
     clock = FakeClock(1_700_000_120.0)

@@ -624,7 +624,7 @@ async def test_pool_forgets_an_idle_connection_the_plugin_closed() -> None:
     conn.connection_lost(None)
 
     assert pool.idle_count() == 0
-    assert pool.take_idle(conn.upstream) is None
+    assert pool.take_idle(conn.upstream, time.monotonic()) is None
 
 
 @pytest.mark.anyio

@@ -142,7 +142,7 @@ def finish_http(
     Positional and flat on purpose: this runs once per request when metrics are on, and the
     ``Exchange`` is only built when a line is printed.
     """
-    duration = time.perf_counter() - started
+    duration = time.monotonic() - started  # (``started``: the proxy's ``time.monotonic()``)
     reason, error, aborted = failure or _COMPLETE
     if metrics is not None:
         metrics.finished += 1

@@ -74,7 +74,9 @@ class Forward:
         "via_marker",
         "_via",
         "_tokens",
-        "_token",
+        "_clock",
+        "_token_from",
+        "_token_until",
         "token_field",
         "secret",
         "_token_line",
@@ -90,7 +92,9 @@ class Forward:
         self._via = via
         self.via_marker = via.marker  # a request whose Via carries it has looped through this proxy
         self._tokens = tokens
-        self._token: str | None = None
+        self._clock = tokens.clock if tokens is not None else _never
+        # When the token in ``secret`` stops being the issuer's answer (on its clock): [from, until).
+        self._token_from = self._token_until = 0.0
         self.token_field = (INTERNAL_TOKEN_FIELD, b"")
         self.secret = b""  # the token as bytes, looked for in the plugin's response head
         self._token_line = b""  # token_field as a field line ("" without a TokenIssuer)
@@ -131,9 +135,8 @@ class Forward:
         fields.append(self._via.field(scope.get("http_version", "1.1")))
         fields.append((REQUEST_ID_FIELD, info.request_id))
         if self._tokens is not None:
-            token = self._tokens.token_for(self.route.plugin)
-            if token is not self._token:
-                self._take(token)
+            if not self._token_from <= self._clock() < self._token_until:
+                self._renew()
             fields.append(self.token_field)
         return fields
 
@@ -153,10 +156,8 @@ class Forward:
             # Any other request: the list, serialised (its lines differ in which fields there are).
             added = self.fields(scope, info)
             return field_lines(info.headers + added if host is not None else info.headers + added + [self.host_field])
-        if self._tokens is not None:
-            token = self._tokens.token_for(self.route.plugin)
-            if token is not self._token:
-                self._take(token)
+        if self._tokens is not None and not self._token_from <= self._clock() < self._token_until:
+            self._renew()
         return b"%s\r\nx-forwarded-for: %s\r\n%sx-forwarded-host: %s\r\n%sx-request-id: %s\r\n%s" % (
             b"\r\n".join(map(_NAME_VALUE, headers)),  # (CRLF between the lines here, after the last above)
             client[0].encode("latin-1"),
@@ -167,11 +168,17 @@ class Forward:
             self._token_line,
         )
 
-    def _take(self, token: str) -> None:
-        """Make ``token`` the one the route's requests carry from now on."""
+    def _renew(self) -> None:
+        """Take the issuer's current token: the one the route's requests carry from now on."""
+        assert self._tokens is not None
+        token, self._token_from, self._token_until = self._tokens.token_window(self.route.plugin)
         self.secret = token.encode("ascii")
-        self._token, self.token_field = token, (INTERNAL_TOKEN_FIELD, self.secret)
+        self.token_field = (INTERNAL_TOKEN_FIELD, self.secret)
         self._token_line = b"%s: %s\r\n" % self.token_field
+
+
+def _never() -> float:
+    return 0.0
 
 
 def _authority(route: Route) -> bytes:

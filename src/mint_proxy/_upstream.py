@@ -450,11 +450,10 @@ class UpstreamPool:
         """Connections carrying an exchange now."""
         return len(self._busy)
 
-    def take_idle(self, upstream: Upstream) -> Connection | None:
-        """A pooled connection to ``upstream`` that is still open and fresh, if there is one."""
+    def take_idle(self, upstream: Upstream, now: float) -> Connection | None:
+        """A pooled connection to ``upstream`` still open and fresh at ``now`` (``time.monotonic()``), if any."""
         idle = self._idle.get(upstream.address)
         if idle:
-            now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < self.idle_timeout:

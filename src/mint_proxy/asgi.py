@@ -149,7 +149,10 @@ class ProxyMiddleware:
         if scope_type == "http" or scope_type == "websocket":
             try:
                 path: str = scope["path"]
-                route = self._route(path) if "/." not in path else self._match(path)
+                if "/." in path:
+                    route = self._match(path)
+                else:  # (without a mount path, the table's own lookup: one call less)
+                    route = self.routes.match(path) if not self.mount_path else self._route(path)
             except BadRequest as exc:
                 await self._refuse(scope, send, exc)
                 return
@@ -261,7 +264,7 @@ class ProxyMiddleware:
         One coroutine from the request to the last body chunk: every await level costs on
         each resume, so the awaits stay here and the synchronous work is in plain functions.
         """
-        started = time.perf_counter()
+        started = time.monotonic()  # (the pool's clock too: one reading serves both)
         request_id = b""
         status = 0
         conn: Connection | None = None
@@ -312,7 +315,7 @@ class ProxyMiddleware:
                 # 2-3. Send it, stream the rest, watch the client; once more on a new connection if a
                 # pooled one turns out closed and ``may_retry`` allows.
                 timeout = route.read_timeout
-                conn = self.pool.take_idle(route.upstream)
+                conn = self.pool.take_idle(route.upstream, started)
                 while True:
                     if conn is None:
                         conn = await self.pool.connect(
@@ -347,7 +350,7 @@ class ProxyMiddleware:
 
                 # 4. The response head, filtered.
                 head = conn.head
-                ttfb = time.perf_counter() - started
+                ttfb = time.monotonic() - started
                 headers = _response_headers(conn, head, request_id, route, forward.prefix, secret)
                 await send({"type": "http.response.start", "status": head.status, "headers": headers})
             except ProxyError as exc:

@@ -172,6 +172,21 @@ class TokenIssuer:
             return entry[0]
         return self._mint(plugin)
 
+    def token_window(self, plugin: str) -> tuple[str, float, float]:
+        """``token_for(plugin)``, and the times on ``clock`` between which it stays the answer: ``[from, until)``.
+
+        For a caller that keeps the token itself and asks again only once ``clock()`` leaves
+        the window (the proxy, per route): what ``token_for`` decides, without a call per request.
+        """
+        token = self.token_for(plugin)
+        _, until, issued_at = self._cache[plugin]
+        return token, float(issued_at), until
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock tokens are issued by (``time.time`` unless one was given)."""
+        return self._clock
+
     def _mint(self, plugin: str) -> str:
         if not isinstance(plugin, str) or not plugin:
             raise ValueError("plugin must be a non-empty str")
