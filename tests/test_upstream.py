@@ -19,11 +19,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mint_proxy import Route, RouteTable
+from mint_proxy import Route, RouteTable, _http11
 from mint_proxy._disconnect import ClientGone, watch_client
 from mint_proxy._http11 import MAX_TRAILER_BYTES, UNTIL_CLOSE, ContentLengthReader
 from mint_proxy._upstream import (
@@ -484,6 +485,19 @@ async def test_silent_plugin_before_the_head_is_a_timeout() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_exchange_in_flight_when_the_pool_closes_still_times_out() -> None:
+    """Shutdown closes the idle connections, not the timeouts of requests a graceful shutdown waits for."""
+    pool = UpstreamPool()
+    conn = _conn_new(pool=pool)
+    conn.begin(b"GET / HTTP/1.1\r\n\r\n", complete=True, head_request=False)
+
+    pool.close()
+
+    with pytest.raises(UpstreamTimeout), anyio.fail_after(10):  # (without its timeout it would wait forever)
+        await upstream_head(conn, 0.01)
+
+
+@pytest.mark.anyio
 async def test_silent_plugin_in_the_middle_of_the_body_is_a_timeout() -> None:
     conn, transport = _conn_open()
     _conn_feed(conn, transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0)
@@ -721,6 +735,32 @@ async def test_a_client_that_left_before_the_proxy_saw_the_plugin_close_is_not_r
         await upstream_head(conn, 1)
     assert isinstance(failed.value, ClientGone)
     assert not may_retry(failed.value, "GET", reused=conn.reused, received_any=conn.received_any, whole=True)
+
+
+@pytest.mark.anyio
+async def test_a_head_arriving_a_byte_at_a_time_is_parsed_once_when_its_end_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plugin dribbling a large head costs the proxy work in proportion to the head, not to its square:
+    the bytes gather in place and the head is read once, when its blank line has arrived."""
+    parsed: list[int] = []
+
+    def counting_read_head(data: bytes, searched: int, head_request: bool) -> Any:
+        parsed.append(len(data))
+        return _http11.read_head(data, searched, head_request)
+
+    monkeypatch.setattr("mint_proxy._upstream.read_head", counting_read_head)
+    conn, transport = _conn_open()
+    response = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 8000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+    _conn_feed(conn, transport, response, 1)
+    head = await upstream_head(conn, 1)
+
+    assert (head.status, await _conn_read_all(conn)) == (200, b"ok")
+    # each head once: its first byte (nothing to read yet), then the whole of it
+    assert parsed == [1, 25, 1, len(response) - 2 - 25]
 
 
 @pytest.mark.anyio

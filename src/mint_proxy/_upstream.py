@@ -56,7 +56,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
-from ._http11 import LENGTH, BodyReader, ResponseHead, body_reader, read_head
+from ._http11 import LENGTH, MAX_HEAD_BYTES, BodyReader, ResponseHead, body_reader, read_head
 from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .routing import Upstream
 
@@ -103,7 +103,7 @@ class Connection(asyncio.Protocol):
         self._head_request = False
         self._secret = b""
         self.secret_in_head = False
-        self._buf = b""
+        self._buf = bytearray()  # a head not all read yet, grown in place
         self.head: ResponseHead | None = None
         self._reader: BodyReader | None = None
         self.request_complete = False
@@ -161,19 +161,29 @@ class Connection(asyncio.Protocol):
         # The head (read here, not in a method of its own: this runs once per exchange).
         self.received_any = True
         buf = self._buf
+        searched = 0
         if buf:
-            data = buf + data
+            # A head in several reads grows in place and is read once its end (or the size
+            # limit) is there: linear however small the pieces, never a copy per read.
+            searched = max(len(buf) - 3, 0)
+            buf += data
+            if buf.find(b"\r\n\r\n", searched) < 0 and len(buf) <= MAX_HEAD_BYTES:
+                return
+            data = bytes(buf)
         try:
-            head, start = read_head(data, max(len(buf) - 3, 0) if buf else 0, self._head_request)
+            head, start = read_head(data, searched, self._head_request)
         except ValueError as exc:
             return self._fail(f"the plugin sent an invalid response ({exc})")
         if self._secret and data.find(self._secret, 0, start) >= 0:
             self.secret_in_head = True
         if head is None:
-            self._buf = data[start:] if start else data
+            if buf:
+                del buf[:start]  # (the interim heads before ``start`` are done with)
+            else:
+                buf += data[start:]
             return
         if buf:
-            self._buf = b""
+            buf.clear()
         self.head = head
         if head.framing == LENGTH and len(data) - start == head.content_length:
             # The usual small response: the whole body came with the head. What the
@@ -514,11 +524,15 @@ class UpstreamPool:
         self._ticker = loop.call_later(TICK, self._tick) if self._busy and loop is not None else None
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection.
+
+        Exchanges still in flight (a server shutting down gracefully lets them finish) keep
+        their timeouts: the ticker stops by itself once the last of them ends.
+        """
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
                 conn.abort()
-        if self._ticker is not None:
+        if self._ticker is not None and not self._busy:
             self._ticker.cancel()
             self._ticker = None
