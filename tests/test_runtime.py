@@ -88,6 +88,21 @@ def test_runtime_dir_open_to_others_is_refused() -> None:
         assert isinstance(info.value, MintProxyError)
 
 
+def test_runtime_dir_that_is_a_symbolic_link_is_refused() -> None:
+    """A link planted at the (predictable) runtime path, even to a private directory of ours, is refused
+    and nothing is written through it; a link higher up the path is fine."""
+    with short_tempdir() as path:
+        private = os.path.join(path, "private")
+        os.makedirs(private, mode=0o700)
+        planted = os.path.join(path, "mint-proxy-link")
+        os.symlink(private, planted)
+
+        with pytest.raises(RuntimeDirError, match=r"mint-proxy-link is a symbolic link, not a directory"):
+            ensure_runtime_dir(planted)
+        assert os.listdir(private) == []
+        assert ensure_runtime_dir(os.path.join(planted, "rt")) == os.path.join(planted, "rt")
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can give a directory to another user")
 def test_runtime_dir_of_another_user_is_refused() -> None:
     """A runtime dir owned by someone else is refused, whatever its mode."""

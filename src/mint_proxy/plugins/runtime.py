@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -62,14 +63,22 @@ def default_runtime_dir(environ: Mapping[str, str] | None = None) -> str:
 def ensure_runtime_dir(path: str | os.PathLike[str]) -> str:
     """Create ``path`` with mode 0700 if missing; refuse one that is not private to this user.
 
+    The path itself must be a directory, not a symbolic link: the default one sits in the shared
+    temp dir, where another user could have put a link to a directory of ours (or swap it later),
+    as tmux and ssh-agent refuse for theirs. Links higher up the path are followed.
     Returns the absolute path. Raises ``RuntimeDirError`` naming the directory and the fix.
     """
     directory = os.path.abspath(os.fspath(path))
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.stat(directory)
+        info = os.lstat(directory)
     except OSError as exc:
         raise RuntimeDirError(f"runtime dir {directory}: cannot create it ({exc.strerror})") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise RuntimeDirError(
+            f"runtime dir {directory} is a symbolic link, not a directory; "
+            "set MINT_PROXY_RUNTIME_DIR or [settings] runtime_dir to the directory itself"
+        )
     if info.st_uid != os.getuid():
         raise RuntimeDirError(
             f"runtime dir {directory} is owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); "
