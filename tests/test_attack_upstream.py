@@ -4,6 +4,7 @@ its internal token echoed back towards the client."""
 import logging
 import re
 
+import jwt
 import pytest
 
 from mint_proxy import ProxyMiddleware, Route, TokenIssuer
@@ -159,6 +160,36 @@ def test_plugin_echoing_its_token_in_response_headers_never_shows_it_to_the_clie
     [warning] = [r for r in caplog.records if "internal token" in r.getMessage()]
     assert "leaky" in warning.getMessage() and "set-cookie, x-debug" in warning.getMessage()
     assert token.group(1).decode() not in caplog.text
+
+
+def test_plugin_echoing_a_token_it_kept_from_before_a_renewal_never_shows_it_to_the_client(http: str) -> None:
+    """A plugin that cached the token of its first request and sends it back later, after the proxy
+    renewed the route's token: that older token is still valid for half its lifetime, so it is
+    dropped like the current one (whatever token of the issuer a response header carries)."""
+    kept: list[bytes] = []  # (in the plugin's process)
+
+    def echo_the_first_token(head: bytes, index: int) -> bytes:
+        token = re.search(rb"(?im)^x-mint-internal-token: *([^\r\n]+)", head)
+        assert token is not None
+        kept.append(token.group(1))
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Cached: %s\r\nX-Kept: yes\r\n\r\nok" % kept[0]
+
+    now = [1_700_000_000.0]
+    issuer = TokenIssuer(SECRET, ttl=600.0, clock=lambda: now[0])
+    with RawBackend(echo_the_first_token) as plugin:
+        middleware = ProxyMiddleware(None, routes={"/peak": plugin.url}, tokens=issuer)
+        with serve(middleware, http=http) as proxy:
+            first = read_first(proxy.port, make_request("/peak/a"))
+            now[0] += 301  # past half the lifetime: the route's requests carry a new token
+            second = read_first(proxy.port, make_request("/peak/b"))
+        sent = [re.search(rb"(?im)^x-mint-internal-token: *([^\r\n]+)", head) for head in plugin.requests]
+    tokens = [match.group(1) for match in sent if match is not None]
+    assert len(tokens) == 2 and tokens[0] != tokens[1]
+    assert jwt.decode(tokens[0], options={"verify_signature": False})["exp"] > now[0]  # (still valid)
+    for raw in (first, second):
+        response = one_response(raw)
+        assert response.status == 200 and response.header(b"x-kept") == b"yes"
+        assert response.header(b"x-cached") is None and tokens[0] not in raw
 
 
 def test_plugin_refusing_a_websocket_with_its_token_never_shows_it_to_the_client(http: str) -> None:

@@ -79,6 +79,7 @@ class Forward:
         "_token_until",
         "token_field",
         "secret",
+        "token_mark",
         "_token_line",
         "_lines_after_host",
     )
@@ -96,7 +97,10 @@ class Forward:
         # When the token in ``secret`` stops being the issuer's answer (on its clock): [from, until).
         self._token_from = self._token_until = 0.0
         self.token_field = (INTERNAL_TOKEN_FIELD, b"")
-        self.secret = b""  # the token as bytes, looked for in the plugin's response head
+        self.secret = b""  # the token the route's requests carry now, as bytes
+        # What every token of this issuer starts with (its JWT header and the dot): in a response
+        # header it marks an internal token, this one or one the plugin kept from before a renewal.
+        self.token_mark = b""
         self._token_line = b""  # token_field as a field line ("" without a TokenIssuer)
         # What follows X-Forwarded-Host and comes before X-Request-Id, by HTTP version: X-Forwarded-Prefix and Via.
         prefix_line = b"x-forwarded-prefix: %s\r\n" % self.prefix.encode("latin-1") if self.prefix else b""
@@ -173,6 +177,7 @@ class Forward:
         assert self._tokens is not None
         token, self._token_from, self._token_until = self._tokens.token_window(self.route.plugin)
         self.secret = token.encode("ascii")
+        self.token_mark = self.secret[: self.secret.index(b".") + 1]
         self.token_field = (INTERNAL_TOKEN_FIELD, self.secret)
         self._token_line = b"%s: %s\r\n" % self.token_field
 

@@ -102,7 +102,7 @@ async def proxy_websocket(
         if b"#" in target:
             raise BadRequest("a WebSocket URI must not have a fragment (RFC 6455 §3)")
         headers = [(n, v) for n, v in info.headers if n not in _HANDSHAKE] + forward.fields(scope, info)
-        secret = forward.secret  # the token these headers carry
+        secret = forward.token_mark  # (any internal token, as on the HTTP path)
         upstream = await _open(route, target, headers, scope.get("subprotocols") or [], retry_window)
     except InvalidStatus as exc:
         # A refusal (4xx/5xx) keeps its status; any other answer to an upgrade is not a WebSocket.

@@ -310,7 +310,9 @@ class ProxyMiddleware:
                     body, more = b"", False
                 whole = not more
                 request, chunked = _request_bytes(forward, scope, info, method, target, body, more)
-                secret = forward.secret  # the token just put in the request (the route's may be renewed meanwhile)
+                # Any internal token in the response head is dropped: the one just sent, or one the plugin
+                # kept from before a renewal (still valid), found by what every token of the issuer starts with.
+                secret = forward.token_mark
 
                 # 2-3. Send it, stream the rest, watch the client; once more on a new connection if a
                 # pooled one turns out closed and ``may_retry`` allows.
@@ -410,9 +412,10 @@ class ProxyMiddleware:
 
 
 def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
-    """The plugin's response fields without any that carries the token it was given, with a warning.
+    """The plugin's response fields without any that carries an internal token, with a warning.
 
-    The token opens the platform's internal API as this plugin; a client must never see it.
+    ``secret`` is ``Forward.token_mark``, the start of every token the issuer mints. A token
+    opens the platform's internal API as this plugin; a client must never see one.
     """
     kept, dropped = drop_fields_containing(fields, secret)
     if dropped:  # (a token in the reason phrase goes nowhere: ASGI passes the status code only)
