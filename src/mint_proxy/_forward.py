@@ -110,7 +110,8 @@ class Forward:
         """The request-target the plugin receives: the client's raw path, unless stripped."""
         raw: bytes = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
         query: bytes = scope.get("query_string", b"")
-        if len(raw) + len(query) + (1 if query else 0) > MAX_TARGET_BYTES:  # (the '?' counts)
+        size = len(raw) + len(query)
+        if size >= MAX_TARGET_BYTES and size + (1 if query else 0) > MAX_TARGET_BYTES:  # (the '?' counts)
             raise URITooLong(f"the request target is longer than {MAX_TARGET_BYTES} bytes")
         if raw[:1] != b"/" or raw.translate(_PATH_TABLE) != raw:
             raise BadRequest("the request target must be a path of printable ASCII characters")
