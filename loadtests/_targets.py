@@ -1,7 +1,7 @@
-"""Start the backend and each target (direct, nginx, mint_proxy over TCP or a Unix socket).
+"""Start the backend and each target (direct, nginx, the ASGI floors, mint_proxy over TCP or a Unix socket).
 
 CPU layout on the 2-vCPU machine: the backend, wrk and the transfer client share CPU 0;
-the proxy under test (nginx or mint_proxy) is alone on CPU 1.
+the proxy under test (nginx, a floor or mint_proxy) is alone on CPU 1.
 """
 
 import os
@@ -16,10 +16,19 @@ from pathlib import Path
 from loadtests._procs import Child, Supervisor, process_tree
 from loadtests._transfer import get_small
 
-ALL_TARGETS = ("direct", "nginx", "asgi_floor", "mint_proxy", "mint_proxy_unix", "mint_proxy_nometrics")
-# Measured for small GETs only (no streamed transfers): the floor (a reference, see loadtests/floor.py)
-# and mint_proxy with `[settings] metrics = false` (what counting costs per request).
-REFERENCE_ONLY = frozenset({"asgi_floor", "mint_proxy_nometrics"})
+ALL_TARGETS = (
+    "direct",
+    "nginx",
+    "asgi_floor",
+    "asgi_floor_fields",
+    "mint_proxy",
+    "mint_proxy_unix",
+    "mint_proxy_nometrics",
+)
+# Measured for small GETs only (no streamed transfers): the floor (a reference, see loadtests/floor.py),
+# the floor sending upstream the fields mint_proxy adds (MINT_FLOOR_FIELDS=1: the ceiling those bytes
+# set) and mint_proxy with `[settings] metrics = false` (what counting costs per request).
+REFERENCE_ONLY = frozenset({"asgi_floor", "asgi_floor_fields", "mint_proxy_nometrics"})
 PREFIX = "/bench"
 CLIENT_CPU = 0
 BACKEND_CPU = 0
@@ -183,16 +192,17 @@ def _start_mint_proxy(supervisor: Supervisor, backend: Backend, tmp: Path, *, ap
     return Target(name, port, child)
 
 
-def _start_floor(supervisor: Supervisor, backend: Backend, tmp: Path) -> Target:
+def _start_floor(supervisor: Supervisor, backend: Backend, tmp: Path, *, name: str) -> Target:
     port = free_port()
-    env = _python_env({"MINT_FLOOR_UPSTREAM": f"127.0.0.1:{backend.port}"})
+    fields = name == "asgi_floor_fields"  # sends upstream the fields mint_proxy adds, its token signed the same way
+    env = _python_env({"MINT_FLOOR_UPSTREAM": f"127.0.0.1:{backend.port}", "MINT_FLOOR_FIELDS": "1" if fields else "0"})
+    if fields:
+        env["MINT_INTERNAL_TOKEN_SECRET"] = secrets.token_urlsafe(48)
     argv = [sys.executable, "-m", "uvicorn", "loadtests.floor:app", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]
-    child = supervisor.start(
-        "asgi_floor", pinned(PROXY_CPU, argv), log_path=tmp / "asgi_floor.log", env=env, cwd=REPO_ROOT
-    )
+    child = supervisor.start(name, pinned(PROXY_CPU, argv), log_path=tmp / f"{name}.log", env=env, cwd=REPO_ROOT)
     _wait_or_stop(supervisor, child, port)
-    return Target("asgi_floor", port, child)
+    return Target(name, port, child)
 
 
 def _wait_or_stop(supervisor: Supervisor, child: Child, port: int) -> None:
@@ -210,8 +220,8 @@ def start_target(name: str, supervisor: Supervisor, backend: Backend, tmp: Path,
             return Target("direct", backend.port, None)
         case "nginx":
             return _start_nginx(supervisor, backend, tmp)
-        case "asgi_floor":
-            return _start_floor(supervisor, backend, tmp)
+        case "asgi_floor" | "asgi_floor_fields":
+            return _start_floor(supervisor, backend, tmp, name=name)
         case "mint_proxy" | "mint_proxy_unix" | "mint_proxy_nometrics":
             return _start_mint_proxy(supervisor, backend, tmp, app=mint_app, name=name)
     raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")

@@ -2,17 +2,23 @@
 
 import ast
 import asyncio
+import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import httpx
+import pytest
 
-from loadtests import hotpath
+from loadtests import floor, hotpath
 from loadtests._report import RoundResult, render, summarize
+from mint_proxy import verify_internal_token
 
-from .utils import free_port
+from .utils import SECRET, free_port
 
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.py"
 
@@ -71,6 +77,130 @@ def test_report_leads_with_the_ratios_to_the_floor_taken_round_by_round() -> Non
     report = render(summaries, rounds, meta=[], skipped={})
     assert report.index("## Against the floor") < report.index("## Latency")
     assert "| mint_proxy | 1.38 | 1.15 | 0.90 | **NO** |" in report  # CPU is over its 1.3 goal
+
+
+def test_report_shows_the_floor_with_fields_against_the_floor_as_a_reference() -> None:
+    """``asgi_floor_fields`` gets its ratios to the floor in the floor table, "reference" for a verdict,
+    the line saying it is the spec's ceiling, and no goal rows of its own."""
+    rounds = [
+        RoundResult("direct", 0, p50_us=50, rps64=30000),
+        RoundResult("asgi_floor", 0, p50_us=150, rps64=20000, proxy_cpu_us=40),
+        RoundResult("asgi_floor_fields", 0, p50_us=160, rps64=17000, proxy_cpu_us=44),
+        RoundResult("mint_proxy", 0, p50_us=200, rps64=15000, proxy_cpu_us=60),
+    ]
+    summaries = summarize(rounds, ["direct", "asgi_floor", "asgi_floor_fields", "mint_proxy"])
+    report = render(summaries, rounds, meta=[], skipped={})
+    floor_table = report[report.index("## Against the floor") : report.index("## Latency")]
+
+    assert "| asgi_floor_fields | 1.10 | 1.10 | 0.85 | reference |" in floor_table
+    assert "| mint_proxy | 1.50 | 1.50 | 0.75 | **NO** |" in floor_table
+    assert floor_table.index("| asgi_floor_fields |") < floor_table.index("| mint_proxy |")
+    assert "`asgi_floor_fields` is the floor sending upstream the fields the spec makes a proxy add" in floor_table
+    assert "| asgi_floor_fields | 160 | — | 110 | — | — | 1.10 | — |" in report  # added p50 ÷ asgi_floor's
+    assert "| asgi_floor_fields |" not in report[report.index("## Goals") : report.index("## Raw rounds")]
+
+
+@pytest.fixture
+def reload_floor(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ModuleType]]:
+    """Import ``loadtests.floor`` again under the environment given; the module as it was afterwards."""
+
+    def reload(**environ: str) -> ModuleType:
+        for name in ("MINT_FLOOR_FIELDS", "MINT_FLOOR_UPSTREAM", "MINT_INTERNAL_TOKEN_SECRET"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        return importlib.reload(floor)
+
+    yield reload
+    monkeypatch.undo()
+    importlib.reload(floor)
+
+
+def _recording(written: list[bytes]) -> type[hotpath._EchoTransport]:
+    """The harness's in-memory upstream, keeping what is written to it in ``written``."""
+
+    class Recording(hotpath._EchoTransport):
+        def write(self, data: bytes) -> None:
+            written.append(bytes(data))
+            super().write(data)
+
+        def writelines(self, data: Sequence[bytes]) -> None:
+            self.write(b"".join(data))
+
+    return Recording
+
+
+def _floor_request(module: ModuleType) -> bytes:
+    """What the floor writes upstream for wrk's GET (the hotpath harness's scope), over an in-memory upstream."""
+    written: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        pass
+
+    async def one_request() -> None:
+        conn = module._Upstream()
+        conn.connection_made(_recording(written)(asyncio.get_running_loop(), conn))
+        module._idle[:] = [conn]
+        await module.app(hotpath._scope(), receive, send)
+
+    asyncio.run(one_request())
+    [request] = written
+    return request
+
+
+def test_floor_sends_only_the_request_line_and_host_without_the_fields_switch(
+    reload_floor: Callable[..., ModuleType],
+) -> None:
+    """The plain floor's upstream request is still ``GET target`` and the upstream's host, nothing else."""
+    module = reload_floor(MINT_FLOOR_UPSTREAM="127.0.0.1:8001", MINT_FLOOR_FIELDS="0")
+
+    assert _floor_request(module) == b"GET /bench/small HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+
+
+def test_floor_with_the_fields_switch_sends_the_fields_mint_proxy_adds(reload_floor: Callable[..., ModuleType]) -> None:
+    """``MINT_FLOOR_FIELDS=1``: after the request line, the client's Host, X-Forwarded-*, Via,
+    a 32-hex request id and a real internal token for the bench route, then the end of the head."""
+    module = reload_floor(
+        MINT_FLOOR_UPSTREAM="127.0.0.1:8001", MINT_FLOOR_FIELDS="1", MINT_INTERNAL_TOKEN_SECRET=SECRET
+    )
+
+    head, _, rest = _floor_request(module).partition(b"\r\nx-mint-internal-token: ")
+    token, _, end = rest.partition(b"\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[:6] == [
+        b"GET /bench/small HTTP/1.1",
+        b"host: 127.0.0.1:8000",
+        b"x-forwarded-for: 127.0.0.1",
+        b"x-forwarded-proto: http",
+        b"x-forwarded-host: 127.0.0.1:8000",
+        b"via: 1.1 mint-proxy-00000000",
+    ]
+    name, _, request_id = lines[6].partition(b": ")
+    assert (name, len(request_id), len(lines)) == (b"x-request-id", 32, 7)
+    assert set(request_id) <= set(b"0123456789abcdef")
+    assert verify_internal_token(token.decode(), SECRET, plugin="bench").plugin == "bench"
+    assert end == b"\r\n"
+
+
+def test_floor_with_the_fields_switch_sends_as_many_bytes_as_mint_proxy(
+    reload_floor: Callable[..., ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For wrk's GET, the floor with fields writes upstream the same field names, in the same order,
+    and the same number of bytes as mint_proxy does: the reference follows the proxy's request."""
+    module = reload_floor(MINT_FLOOR_FIELDS="1")
+    written: list[bytes] = []
+    monkeypatch.setattr(hotpath, "_EchoTransport", _recording(written))
+    asyncio.run(hotpath.measure(1))
+    proxy, floor_request = written[-1], _floor_request(module)
+
+    def names(request: bytes) -> list[bytes]:
+        return [line.partition(b":")[0] for line in request.split(b"\r\n")[1:]]
+
+    assert names(floor_request) == names(proxy)
+    assert len(floor_request) == len(proxy)
 
 
 def _demo_paths() -> dict[str, str]:
