@@ -848,6 +848,31 @@ async def test_stale_pooled_connection_retries_only_idempotent_requests(
     assert backend.connections == (2 if retried else 1)
 
 
+def test_a_connection_that_aged_while_the_client_sent_its_body_is_not_reused(start_proxy: StartProxy) -> None:
+    """The idle age is judged when the connection is taken, not when the request began: a pooled
+    connection that outlived ``idle_timeout`` while a slow client sent its body is closed, not
+    written to (the plugin may be closing it), and the request goes out on a new one."""
+
+    def respond(head: bytes, index: int) -> bytes:
+        return _POOL_OK
+
+    with RawBackend(respond, close=False) as backend:
+        proxy = start_proxy({"/peak": backend.url}, pool=UpstreamPool(idle_timeout=0.2))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+            client.sendall(b"GET /peak/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_head(client).startswith(b"HTTP/1.1 200")  # (its connection is pooled now)
+            client.sendall(b"POST /peak/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n")
+            time.sleep(0.4)  # the stimulus: the client is slow, the pooled connection ages past 0.2 s
+            client.sendall(b"x")
+            answer = read_head(client)
+            while not answer.endswith(b"\r\n\r\nok"):
+                chunk = client.recv(65536)
+                assert chunk, answer
+                answer += chunk
+    assert b"HTTP/1.1 200" in answer
+    assert backend.connections == 2
+
+
 def test_a_streamed_body_is_never_retried_on_a_new_connection(start_proxy: StartProxy) -> None:
     """A PUT whose body came in two messages cannot be sent again: 502, and the plugin had it once.
 

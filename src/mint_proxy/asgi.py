@@ -264,7 +264,7 @@ class ProxyMiddleware:
         One coroutine from the request to the last body chunk: every await level costs on
         each resume, so the awaits stay here and the synchronous work is in plain functions.
         """
-        started = time.monotonic()  # (the pool's clock too: one reading serves both)
+        started = time.monotonic()  # (the pool's clock too: for a request without a body, one reading serves both)
         request_id = b""
         status = 0
         conn: Connection | None = None
@@ -290,6 +290,7 @@ class ProxyMiddleware:
                 forward = self._forward(route)
                 target = forward.target(scope)
                 limit, declared = route.max_body_bytes, info.content_length
+                now = started  # (the pool's clock: read again below after waiting for the client)
 
                 # 2. The first body message: the whole request is in hand when it holds the whole body.
                 if declared or info.chunked or http_version not in ("1.1", "1.0"):
@@ -297,6 +298,7 @@ class ProxyMiddleware:
                     if declared is not None:
                         _check_body(declared, False, limit, declared)  # too large: 413 before reading any
                     message = await self._receive_body(receive)
+                    now = time.monotonic()
                     if message["type"] != "http.request":
                         status, failure = CLIENT_CLOSED, _CLIENT_LEFT
                         return
@@ -317,7 +319,7 @@ class ProxyMiddleware:
                 # 2-3. Send it, stream the rest, watch the client; once more on a new connection if a
                 # pooled one turns out closed and ``may_retry`` allows.
                 timeout = route.read_timeout
-                conn = self.pool.take_idle(route.upstream, started)
+                conn = self.pool.take_idle(route.upstream, now)
                 while True:
                     if conn is None:
                         conn = await self.pool.connect(
