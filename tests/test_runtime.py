@@ -102,6 +102,12 @@ def test_runtime_dir_that_is_a_symbolic_link_is_refused() -> None:
         assert os.listdir(private) == []
         assert ensure_runtime_dir(os.path.join(planted, "rt")) == os.path.join(planted, "rt")
 
+        dangling = os.path.join(path, "mint-proxy-dangling")
+        os.symlink(os.path.join(path, "not-yet"), dangling)
+        with pytest.raises(RuntimeDirError, match=r"mint-proxy-dangling is a symbolic link"):
+            ensure_runtime_dir(dangling)
+        assert not os.path.exists(os.path.join(path, "not-yet"))
+
 
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can give a directory to another user")
 def test_runtime_dir_of_another_user_is_refused() -> None:

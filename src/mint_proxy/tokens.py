@@ -170,7 +170,7 @@ class TokenIssuer:
         entry = self._cache.get(plugin)
         if entry is not None and entry[2] <= self._clock() < entry[1]:
             return entry[0]
-        return self._mint(plugin)
+        return self._mint(plugin)[0]
 
     def token_window(self, plugin: str) -> tuple[str, float, float]:
         """``token_for(plugin)``, and the times on ``clock`` between which it stays the answer: ``[from, until)``.
@@ -178,8 +178,10 @@ class TokenIssuer:
         For a caller that keeps the token itself and asks again only once ``clock()`` leaves
         the window (the proxy, per route): what ``token_for`` decides, without a call per request.
         """
-        token = self.token_for(plugin)
-        _, until, issued_at = self._cache[plugin]
+        entry = self._cache.get(plugin)
+        if entry is None or not entry[2] <= self._clock() < entry[1]:
+            entry = self._mint(plugin)  # (this entry, not the cache's: another thread may mint meanwhile)
+        token, until, issued_at = entry
         return token, float(issued_at), until
 
     @property
@@ -187,7 +189,8 @@ class TokenIssuer:
         """The clock tokens are issued by (``time.time`` unless one was given)."""
         return self._clock
 
-    def _mint(self, plugin: str) -> str:
+    def _mint(self, plugin: str) -> tuple[str, float, int]:
+        """Mint and cache a token for ``plugin``; return its cache entry ``(token, refresh after, iat)``."""
         if not isinstance(plugin, str) or not plugin:
             raise ValueError("plugin must be a non-empty str")
         issued_at = int(self._clock())
@@ -201,8 +204,8 @@ class TokenIssuer:
             "jti": secrets.token_hex(16),
         }
         token = jwt.encode(claims, self._secret.value, algorithm=_ALGORITHM, headers=self._headers)
-        self._cache[plugin] = (token, issued_at + lifetime / 2, issued_at)
-        return token
+        entry = self._cache[plugin] = (token, issued_at + lifetime / 2, issued_at)
+        return entry
 
 
 def verify_internal_token(

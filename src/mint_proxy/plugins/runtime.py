@@ -70,7 +70,8 @@ def ensure_runtime_dir(path: str | os.PathLike[str]) -> str:
     """
     directory = os.path.abspath(os.fspath(path))
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.islink(directory):  # (a link, even a dangling one, is refused below)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         info = os.lstat(directory)
     except OSError as exc:
         raise RuntimeDirError(f"runtime dir {directory}: cannot create it ({exc.strerror})") from exc
