@@ -76,10 +76,11 @@ def parse_response_head(block: bytes, head_request: bool) -> ResponseHead:
     """Parse a head (without its final CRLF CRLF); raise ``ValueError`` on anything off."""
     lines = block.split(b"\r\n")
     http10, status = _known_status_lines.get(lines[0]) or _status_line(lines[0])
+    del lines[0]  # (the field lines are what is left: no copy)
     known = _known_field_lines
     headers = []
     framing_fields = []
-    for line in lines[1:]:
+    for line in lines:
         field = known.get(line)
         if field is None:
             field = _known_framing_lines.get(line) or _field_line(line)
