@@ -22,7 +22,7 @@ untouched. A match is proxied:
    upstream connection, so the plugin stops working for nobody and the connection
    is never pooled).
 4. The response head is filtered (``_response_headers``: ``headers.filter_response``;
-   fields carrying the request's own internal token are dropped first, see
+   fields carrying an internal token of the issuer are dropped first, see
    ``_drop_secret``) and sent; body chunks are passed on as they arrive.
    ``Content-Length`` is kept when the plugin sent one, otherwise the ASGI server
    chunks the response.
