@@ -98,8 +98,10 @@ class Forward:
         self._token_from = self._token_until = 0.0
         self.token_field = (INTERNAL_TOKEN_FIELD, b"")
         self.secret = b""  # the token the route's requests carry now, as bytes
-        # What every token of this issuer starts with (its JWT header and the dot): in a response
-        # header it marks an internal token, this one or one the plugin kept from before a renewal.
+        # The end of what every token of this issuer starts with (the last 16 bytes of its JWT header
+        # and the dot, the needle ``Connection.begin`` searches with, cut once per renewal, not per
+        # request): in a response header it marks an internal token, this one or one the plugin
+        # kept from before a renewal.
         self.token_mark = b""
         self._token_line = b""  # token_field as a field line ("" without a TokenIssuer)
         # What follows X-Forwarded-Host and comes before X-Request-Id, by HTTP version: X-Forwarded-Prefix and Via.
@@ -178,7 +180,7 @@ class Forward:
         assert self._tokens is not None
         token, self._token_from, self._token_until = self._tokens.token_window(self.route.plugin)
         self.secret = token.encode("ascii")
-        self.token_mark = self.secret[: self.secret.index(b".") + 1]
+        self.token_mark = self.secret[: self.secret.index(b".") + 1][-16:]
         self.token_field = (INTERNAL_TOKEN_FIELD, self.secret)
         self._token_line = b"%s: %s\r\n" % self.token_field
 

@@ -237,7 +237,7 @@ class Connection(asyncio.Protocol):
         """Start a new exchange on this connection: send ``request``, its head and the body there is.
 
         ``complete``: ``request`` is the whole request; else the rest of the body follows with
-        ``send_body``. ``secret`` (what marks an internal token, ``Forward.token_mark``: the JWT
+        ``send_body``. ``secret`` (what marks an internal token, ``Forward.token_mark``: the tail of the JWT
         header every token of the issuer starts with) is looked for in the response head, one scan
         of the bytes as they are parsed: ``secret_in_head`` says if it may be there. Only its last
         16 bytes are searched for: a short needle costs little to set up.

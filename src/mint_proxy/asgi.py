@@ -416,7 +416,7 @@ class ProxyMiddleware:
 def _drop_secret(fields: RawHeaders, secret: bytes, route: Route) -> RawHeaders:
     """The plugin's response fields without any that carries an internal token, with a warning.
 
-    ``secret`` is ``Forward.token_mark``, the start of every token the issuer mints. A token
+    ``secret`` is ``Forward.token_mark``, the end of the start every token of the issuer shares. A token
     opens the platform's internal API as this plugin; a client must never see one.
     """
     kept, dropped = drop_fields_containing(fields, secret)
